@@ -8,7 +8,11 @@
 #   DiT: https://github.com/facebookresearch/DiT/blob/main/models.py (layout and numerics)
 #   LEDiT: causal attention, no positional encoding, locality conv, attention scaling.
 import functools
+import json
 import math
+import os
+import shutil
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -26,6 +30,21 @@ POSITION_MODES = ("extrapolate", "interpolate")
 ATTENTION_SCALINGS = ("log", "none")
 LOCALITY_KINDS = ("none", "full", "depthwise")
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "math")
+REMOTE_CODE_FILE = "modeling_ledit.py"  # this file, as it is copied beside saved weights
+
+
+def add_remote_code(folder) -> None:
+    """Copy this file beside a saved model and point config.json's auto_map at it (diffusers AutoModel)."""
+    folder = Path(folder)
+    target = folder / REMOTE_CODE_FILE
+    if not (target.exists() and os.path.samefile(__file__, target)):
+        shutil.copyfile(__file__, target)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    config["auto_map"] = {"AutoModel": f"{Path(REMOTE_CODE_FILE).stem}.LEDiTTransformer2DModel"}
+    tmp = config_path.with_name(".config.json.tmp")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, config_path)
 
 
 #################################################################################
@@ -369,6 +388,17 @@ class LEDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         ])
         self.final_layer = FinalLayer(hidden_size, patch_size, out_channels)
         self.initialize_weights()
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        """Drop the AutoModel remote-code pointer, which is for diffusers' loader, not for __init__."""
+        config_dict = {k: v for k, v in config_dict.items() if k != "auto_map"}
+        return super().extract_init_dict(config_dict, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """diffusers' save, plus this file and the auto_map entry, so the folder reloads without ledit_convert."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        add_remote_code(save_directory)
 
     def initialize_weights(self):
         """DiT's init for a model trained from scratch; conversion overwrites all but the locality conv."""

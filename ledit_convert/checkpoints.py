@@ -1,0 +1,391 @@
+"""Checkpoint readers: the only module that knows file formats.
+
+Every reader returns a `SourceCheckpoint` whose state dict uses the key names of
+`LEDiTTransformer2DModel` (which are facebookresearch DiT's, minus `pos_embed`) and whose config
+reproduces the source model's own numerics.
+"""
+import argparse
+import json
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from .errors import CheckpointError
+from .model import LEDiTTransformer2DModel, sincos_position_table
+
+# facebookresearch DiT: heads cannot be read from the weights, so they come from the named configs.
+DIT_HEADS_BY_WIDTH = {1152: 16, 1024: 16, 768: 12, 384: 6}
+DIT_NAMES = {(28, 1152): "XL", (24, 1024): "L", (12, 768): "B", (12, 384): "S"}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+DIFFUSERS_DIT_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+@dataclass
+class SourceCheckpoint:
+    """A DiT or LEDiT read from disk, in this project's key names."""
+
+    path: Path
+    format: str  # "facebook-state-dict", "facebook-train-checkpoint", "facebook-safetensors", "diffusers", "ledit"
+    config: Dict  # LEDiTTransformer2DModel init kwargs
+    state_dict: Dict[str, torch.Tensor]
+    weights_file: Optional[Path] = None  # the file holding the tensors (hashed for provenance)
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def variant(self) -> str:
+        """DiT variant name such as "DiT-XL/2", or "custom"."""
+        name = DIT_NAMES.get((self.config["num_layers"], self.config["hidden_size"]))
+        return f"DiT-{name}/{self.config['patch_size']}" if name else "custom"
+
+    @property
+    def num_parameters(self) -> int:
+        """Parameter count of the tensors read."""
+        return sum(t.numel() for t in self.state_dict.values())
+
+
+def _fail(path, problem: str):
+    raise CheckpointError(f"{path}: {problem}")
+
+
+#################################################################################
+#                              Opening files safely                             #
+#################################################################################
+
+def torch_load_safely(path: Path):
+    """torch.load with weights_only=True (argparse.Namespace allow-listed); never runs code from the file."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+ ?[\w.]*)", str(e)) or re.search(r"Unsupported global: ([^\s]+)", str(e))
+        what = f" ({found.group(1).strip()})" if found else ""
+        _fail(path, f"refused to unpickle: it references code or objects that are not tensors{what}")
+    except (EOFError, zipfile.BadZipFile) as e:
+        _fail(path, f"truncated or corrupt checkpoint ({type(e).__name__})")
+    except Exception as e:  # torch raises many types for files that are not checkpoints
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "central directory" in msg or "zip archive" in msg:
+            _fail(path, "truncated or corrupt checkpoint (its zip archive is incomplete)")
+        _fail(path, f"not a readable PyTorch checkpoint ({type(e).__name__}: {msg[:120]})")
+
+
+def load_safetensors(path: Path) -> Dict[str, torch.Tensor]:
+    """Read a .safetensors file, reporting a bad header as a CheckpointError."""
+    from safetensors.torch import load_file
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error type for bad headers
+        _fail(path, f"not a readable safetensors file ({str(e).splitlines()[0][:160]})")
+
+
+def _tensor_dict(obj, path) -> Dict[str, torch.Tensor]:
+    if not isinstance(obj, dict) or not obj:
+        _fail(path, f"expected a dict of tensors, found {type(obj).__name__}")
+    bad = [k for k, v in obj.items() if not isinstance(k, str) or not torch.is_tensor(v)]
+    if bad:
+        _fail(path, f"entry {bad[0]!r} is not a named tensor")
+    return dict(obj)
+
+
+#################################################################################
+#                       facebookresearch DiT (.pt / .safetensors)               #
+#################################################################################
+
+def _facebook_config(sd, path, num_heads: Optional[int], image_size: Optional[int], notes: List[str]) -> Dict:
+    """Infer a DiT config from tensor shapes."""
+    for key in ("x_embedder.proj.weight", "final_layer.linear.weight", "y_embedder.embedding_table.weight",
+                "t_embedder.mlp.0.weight"):
+        if key not in sd:
+            _fail(path, f"not a DiT state dict: missing {key!r}")
+    w = sd["x_embedder.proj.weight"]
+    if w.ndim != 4 or w.shape[2] != w.shape[3]:
+        _fail(path, f"x_embedder.proj.weight has shape {tuple(w.shape)}, expected (D, C, p, p)")
+    hidden, in_ch, patch = w.shape[0], w.shape[1], w.shape[2]
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    if depth == 0:
+        _fail(path, "not a DiT state dict: no blocks.* tensors")
+    out_rows = sd["final_layer.linear.weight"].shape[0]
+    if out_rows % (patch * patch):
+        _fail(path, f"final_layer.linear has {out_rows} rows, not a multiple of patch^2 = {patch * patch}")
+    fc1 = sd.get("blocks.0.mlp.fc1.weight")
+    if fc1 is None:
+        _fail(path, "not a DiT state dict: missing 'blocks.0.mlp.fc1.weight'")
+    if num_heads is None:
+        num_heads = DIT_HEADS_BY_WIDTH.get(hidden)
+        if num_heads is None:
+            _fail(path, f"hidden size {hidden} is not a standard DiT width; pass --num-heads")
+    if "pos_embed" in sd:
+        tokens = sd["pos_embed"].shape[-2]
+        grid = int(round(tokens ** 0.5))
+        if grid * grid != tokens:
+            _fail(path, f"pos_embed has {tokens} tokens, not a square grid")
+        sample_size = grid * patch
+        if image_size is not None and image_size // 8 != sample_size:
+            _fail(path, f"--image-size {image_size} disagrees with pos_embed ({grid}x{grid} tokens = {sample_size * 8} px)")
+        table = sincos_position_table(hidden, grid, grid, grid, grid).float()
+        err = (sd["pos_embed"].reshape(tokens, hidden).float() - table).abs().max().item()
+        notes.append("pos_embed: the standard 2D sin/cos table" if err < 1e-5 else
+                     f"pos_embed: NOT the standard sin/cos table (max abs diff {err:.3g})")
+    elif image_size is not None:
+        sample_size = image_size // 8
+    else:
+        _fail(path, "no pos_embed to read the training grid from; pass --image-size (pixels, VAE factor 8)")
+    return dict(
+        sample_size=sample_size, patch_size=patch, in_channels=in_ch, out_channels=out_rows // (patch * patch),
+        hidden_size=hidden, num_layers=depth, num_attention_heads=num_heads, mlp_ratio=fc1.shape[0] / hidden,
+        num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1, position_encoding="sincos",
+        position_mode="extrapolate", attention_layout=["self"] * depth, attention_scaling="none", locality="none",
+        timestep_freq_shift=0, norm_eps=1e-6, mlp_norm_eps=1e-6,
+    )
+
+
+def read_facebook(path: Path, weights: str = "ema", num_heads=None, image_size=None) -> SourceCheckpoint:
+    """A facebookresearch DiT: released raw state dict, train.py checkpoint dict, or safetensors."""
+    notes: List[str] = []
+    if path.suffix == ".safetensors":
+        sd, fmt = load_safetensors(path), "facebook-safetensors"
+    else:
+        obj = torch_load_safely(path)
+        if isinstance(obj, dict) and "model" in obj and isinstance(obj.get("model"), dict):
+            if weights not in ("ema", "model"):
+                _fail(path, f"--weights must be 'ema' or 'model', got {weights!r}")
+            if weights not in obj:
+                _fail(path, f"training checkpoint has no {weights!r} weights (keys: {sorted(obj)})")
+            sd, fmt = obj[weights], "facebook-train-checkpoint"
+            notes.append(f"training checkpoint: took the {weights!r} weights")
+        else:
+            sd, fmt = obj, "facebook-state-dict"
+    sd = _tensor_dict(sd, path)
+    if all(k.startswith("module.") for k in sd):  # saved from a DDP wrapper
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+        notes.append("stripped the DDP 'module.' prefix from every key")
+    config = _facebook_config(sd, path, num_heads, image_size, notes)
+    sd.pop("pos_embed", None)
+    check_against_model(sd, config, path)
+    return SourceCheckpoint(path, fmt, config, sd, weights_file=path, notes=notes)
+
+
+#################################################################################
+#                       diffusers DiTTransformer2DModel folders                 #
+#################################################################################
+
+def _read_weight_folder(folder: Path) -> Dict[str, torch.Tensor]:
+    """Tensors of a diffusers model folder (single file or sharded)."""
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        sd = {}
+        for shard in shards:
+            sd.update(load_safetensors(folder / shard))
+        return sd
+    if (folder / WEIGHT_FILES[0]).exists():
+        return load_safetensors(folder / WEIGHT_FILES[0])
+    if (folder / WEIGHT_FILES[1]).exists():
+        return _tensor_dict(torch_load_safely(folder / WEIGHT_FILES[1]), folder / WEIGHT_FILES[1])
+    _fail(folder, f"no weights file ({' or '.join(WEIGHT_FILES)})")
+
+
+def _diffusers_to_ours(d: Dict[str, torch.Tensor], depth: int, path) -> Dict[str, torch.Tensor]:
+    """Explicit key map from diffusers' DiT names to DiT's; checks the per-block embedder copies agree."""
+    sd, used = {}, set()
+
+    def take(src, dst):
+        if src not in d:
+            _fail(path, f"missing tensor {src!r}")
+        sd[dst] = d[src]
+        used.add(src)
+
+    take("pos_embed.proj.weight", "x_embedder.proj.weight")
+    take("pos_embed.proj.bias", "x_embedder.proj.bias")
+    emb = "transformer_blocks.{}.norm1.emb."
+    shared = {"timestep_embedder.linear_1": "t_embedder.mlp.0", "timestep_embedder.linear_2": "t_embedder.mlp.2"}
+    for src, dst in shared.items():
+        for kind in ("weight", "bias"):
+            take(f"{emb.format(0)}{src}.{kind}", f"{dst}.{kind}")
+    take(f"{emb.format(0)}class_embedder.embedding_table.weight", "y_embedder.embedding_table.weight")
+    for i in range(1, depth):  # diffusers keeps a copy of the embedders in every block; they must agree
+        for suffix in [f"{s}.{k}" for s in shared for k in ("weight", "bias")] + ["class_embedder.embedding_table.weight"]:
+            key = f"{emb.format(i)}{suffix}"
+            if key in d:
+                used.add(key)
+                if not torch.equal(d[key], d[f"{emb.format(0)}{suffix}"]):
+                    _fail(path, f"block {i}'s copy of the embedder ({suffix}) differs from block 0's; "
+                                "this model has per-block embedders and one shared embedder cannot reproduce it")
+    for i in range(depth):
+        b = f"transformer_blocks.{i}."
+        for kind in ("weight", "bias"):
+            qkv = [b + f"attn1.to_{n}.{kind}" for n in "qkv"]
+            for key in qkv:
+                if key not in d:
+                    _fail(path, f"missing tensor {key!r}")
+            sd[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([d[k] for k in qkv], dim=0)  # rows q; k; v
+            used.update(qkv)
+            take(b + f"norm1.linear.{kind}", f"blocks.{i}.adaLN_modulation.1.{kind}")
+            take(b + f"attn1.to_out.0.{kind}", f"blocks.{i}.attn.proj.{kind}")
+            take(b + f"ff.net.0.proj.{kind}", f"blocks.{i}.mlp.fc1.{kind}")
+            take(b + f"ff.net.2.{kind}", f"blocks.{i}.mlp.fc2.{kind}")
+    for kind in ("weight", "bias"):
+        take(f"proj_out_1.{kind}", f"final_layer.adaLN_modulation.1.{kind}")
+        take(f"proj_out_2.{kind}", f"final_layer.linear.{kind}")
+    extra = sorted(set(d) - used)
+    if extra:
+        _fail(path, f"{len(extra)} unexpected tensor(s) for a DiT, e.g. {extra[0]!r}")
+    return sd
+
+
+def read_diffusers(folder: Path) -> SourceCheckpoint:
+    """A diffusers DiTTransformer2DModel folder, or a DiTPipeline folder (its transformer/)."""
+    if (folder / "model_index.json").exists() and (folder / "transformer").is_dir():
+        folder = folder / "transformer"
+    cfg = _read_json(folder / "config.json")
+    if cfg.get("_class_name") not in DIFFUSERS_DIT_CLASSES:
+        _fail(folder, f"config.json describes {cfg.get('_class_name')!r}, not a DiT transformer")
+    if cfg.get("norm_type", "ada_norm_zero") != "ada_norm_zero" or cfg.get("patch_size") is None:
+        _fail(folder, "only class-conditional DiTs (norm_type 'ada_norm_zero' with a patch_size) are supported")
+    if cfg.get("activation_fn", "gelu-approximate") != "gelu-approximate":
+        _fail(folder, f"activation_fn {cfg.get('activation_fn')!r} is not DiT's tanh GELU")
+    if cfg.get("norm_elementwise_affine", False):
+        _fail(folder, "norm_elementwise_affine=True has LayerNorm weights that DiT does not have")
+    heads, head_dim, depth = cfg.get("num_attention_heads", 16), cfg.get("attention_head_dim", 72), cfg.get("num_layers", 28)
+    in_ch = cfg.get("in_channels", 4)
+    out_ch = cfg.get("out_channels") or in_ch
+    sd = _diffusers_to_ours(_read_weight_folder(folder), depth, folder)
+    hidden = heads * head_dim
+    config = dict(
+        sample_size=cfg.get("sample_size", 32), patch_size=cfg["patch_size"], in_channels=in_ch, out_channels=out_ch,
+        hidden_size=hidden, num_layers=depth, num_attention_heads=heads,
+        mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / hidden, num_classes=cfg.get("num_embeds_ada_norm", 1000),
+        position_encoding="sincos", position_mode="interpolate", attention_layout=["self"] * depth, attention_scaling="none",
+        locality="none", timestep_freq_shift=1, norm_eps=1e-6, mlp_norm_eps=cfg.get("norm_eps", 1e-5),
+    )
+    check_against_model(sd, config, folder)
+    weights = folder / WEIGHT_FILES[0] if (folder / WEIGHT_FILES[0]).exists() else None
+    notes = ["diffusers numerics kept: timestep features divide by (half - 1), pre-MLP LayerNorm eps "
+             f"{config['mlp_norm_eps']:g}, sin/cos table interpolated at new sizes"]
+    return SourceCheckpoint(folder, "diffusers", config, sd, weights_file=weights, notes=notes)
+
+
+def read_ledit(folder: Path) -> SourceCheckpoint:
+    """A folder written by this tool (surgery or fine-tuning)."""
+    cfg = _read_json(folder / "config.json")
+    config = {k: v for k, v in cfg.items() if not k.startswith("_") and k != "auto_map"}
+    sd = _read_weight_folder(folder)
+    check_against_model(sd, config, folder)
+    return SourceCheckpoint(folder, "ledit", config, sd, weights_file=folder / WEIGHT_FILES[0])
+
+
+#################################################################################
+#                                  Entry points                                 #
+#################################################################################
+
+def _read_json(path: Path) -> Dict:
+    if not path.exists():
+        _fail(path.parent, f"no {path.name}: not a model folder")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        _fail(path, f"not valid JSON ({e})")
+
+
+def check_against_model(sd: Dict[str, torch.Tensor], config: Dict, path) -> None:
+    """Keys and shapes must be exactly those of the model the config describes."""
+    try:
+        with torch.device("meta"):
+            model = LEDiTTransformer2DModel(**config)
+    except (TypeError, ValueError) as e:
+        _fail(path, f"inconsistent model settings ({e})")
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(sd))
+    extra = sorted(set(sd) - set(expected))
+    if missing:
+        _fail(path, f"{len(missing)} tensor(s) missing, e.g. {missing[0]!r}")
+    if extra:
+        _fail(path, f"{len(extra)} unexpected tensor(s), e.g. {extra[0]!r}")
+    for k, shape in expected.items():
+        if tuple(sd[k].shape) != shape:
+            _fail(path, f"tensor {k!r} has shape {tuple(sd[k].shape)}, expected {shape}")
+        if not sd[k].is_floating_point():
+            _fail(path, f"tensor {k!r} has dtype {sd[k].dtype}, expected floating point")
+
+
+def resolve_path(source: str) -> Path:
+    """A local path as is; a hub id downloaded where the network allows."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    if HUB_ID.match(source) and not source.startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+            return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "transformer/*", "*.md"]))
+        except Exception as e:
+            raise CheckpointError(f"{source}: not a local path, and the hub could not provide it "
+                                  f"({type(e).__name__})") from e
+    raise CheckpointError(f"{source}: no such file or folder")
+
+
+def read_checkpoint(source: str, weights: str = "ema", num_heads: Optional[int] = None,
+                    image_size: Optional[int] = None) -> SourceCheckpoint:
+    """Read any supported DiT/LEDiT checkpoint by path (or hub id)."""
+    path = resolve_path(source)
+    if path.is_dir():
+        cfg_path = path / "config.json"
+        if cfg_path.exists() and _read_json(cfg_path).get("_class_name") == "LEDiTTransformer2DModel":
+            return read_ledit(path)
+        if (path / "model_index.json").exists() or cfg_path.exists():
+            return read_diffusers(path)
+        _fail(path, "folder holds neither config.json nor model_index.json: not a model folder")
+    if path.stat().st_size == 0:
+        _fail(path, "empty file")
+    return read_facebook(path, weights=weights, num_heads=num_heads, image_size=image_size)
+
+
+def build_model(ckpt: SourceCheckpoint) -> LEDiTTransformer2DModel:
+    """Instantiate the model a checkpoint describes with its weights loaded exactly."""
+    with torch.device("meta"):
+        model = LEDiTTransformer2DModel(**ckpt.config)
+    model.load_state_dict(ckpt.state_dict, strict=True, assign=True)
+    return model.float().eval()
+
+
+def sha256_of(path: Path, chunk: int = 1 << 24) -> str:
+    """Hex sha256 of a file, read in 16 MiB chunks."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                return h.hexdigest()
+            h.update(block)
+
+
+def describe(ckpt: SourceCheckpoint) -> Dict:
+    """A plain summary of a checkpoint for `inspect` and the surgery report."""
+    c = ckpt.config
+    layout = c.get("attention_layout") or ["self"] * c["num_layers"]
+    return {
+        "path": str(ckpt.path), "format": ckpt.format, "variant": ckpt.variant,
+        "parameters": ckpt.num_parameters, "hidden_size": c["hidden_size"], "layers": c["num_layers"],
+        "heads": c["num_attention_heads"], "patch_size": c["patch_size"], "sample_size": c["sample_size"],
+        "in_channels": c["in_channels"], "out_channels": c["out_channels"], "num_classes": c["num_classes"],
+        "learn_sigma": c["out_channels"] == 2 * c["in_channels"],
+        "position_encoding": c.get("position_encoding", "none"),
+        "causal_blocks": [i for i, k in enumerate(layout) if k == "causal"],
+        "causal_scan": c.get("causal_scan", "mask_lower_right_corner"),
+        "locality": c.get("locality", "none"), "notes": list(ckpt.notes),
+    }
+
+
+__all__ = ["SourceCheckpoint", "read_checkpoint", "build_model", "describe", "sha256_of", "torch_load_safely",
+           "check_against_model", "resolve_path", "DIT_HEADS_BY_WIDTH"]

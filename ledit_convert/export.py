@@ -1,0 +1,121 @@
+"""Writing model folders that reload in plain diffusers: atomically, with their code and provenance."""
+import datetime
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional
+
+import torch
+
+from . import __version__
+from .errors import OutputExistsError
+from .model import LEDiTTransformer2DModel, add_remote_code
+
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+
+
+def refuse_existing(out: Path, overwrite: bool) -> None:
+    """Stop before any work when the output exists and --overwrite was not given."""
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out}: already exists; pass --overwrite to replace it")
+
+
+@contextmanager
+def atomic_folder(out: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary sibling folder that replaces `out` only if the block finishes."""
+    out = Path(out)
+    refuse_existing(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write JSON to a temporary file and rename it into place."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def model_config_json(config: Dict) -> Dict:
+    """The config.json diffusers writes for this config (built on the meta device: no weights allocated)."""
+    with torch.device("meta"):
+        model = LEDiTTransformer2DModel(**config)
+    return json.loads(model.to_json_string())
+
+
+def save_weights(state_dict: Dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors file of contiguous tensors, in the order the model names them."""
+    from safetensors.torch import save_file
+    tensors = {k: (v if v.is_contiguous() else v.contiguous()) for k, v in state_dict.items()}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def model_card(summary: Dict, changes: List[str]) -> str:
+    """A short README.md for the output folder."""
+    lines = [
+        "---", "library_name: diffusers", "tags: [ledit, dit, class-conditional, image-generation]", "---", "",
+        f"# {summary.get('variant', 'DiT')} converted to LEDiT",
+        "",
+        "A class-conditional diffusion transformer converted by ledit-convert "
+        f"{__version__} from `{summary.get('path')}` ({summary.get('format')}).",
+        "",
+        "Changes:",
+        *[f"- {c}" for c in changes],
+        "",
+        "The locality conv starts at zero: fine-tune (`ledit-convert finetune`) before expecting quality at new "
+        "resolutions.",
+        "",
+        "```python",
+        "from diffusers import AutoModel",
+        "model = AutoModel.from_pretrained('<this folder>', trust_remote_code=True)",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_model_folder(out: Path, config: Dict, state_dict: Dict[str, torch.Tensor], *, overwrite: bool,
+                       provenance: Optional[Dict] = None, card: Optional[str] = None,
+                       extra_files: Optional[Dict[str, str]] = None) -> Path:
+    """Write config.json, weights, model code, provenance and card into `out`, atomically."""
+    out = Path(out)
+    config_json = model_config_json(config)
+    with atomic_folder(out, overwrite) as tmp:
+        save_weights(state_dict, tmp / WEIGHTS_FILE)
+        write_json_atomic(tmp / "config.json", config_json)
+        add_remote_code(tmp)
+        if provenance is not None:
+            write_json_atomic(tmp / "provenance.json", provenance)
+        if card is not None:
+            (tmp / "README.md").write_text(card)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    return out
+
+
+def provenance_record(source_path, source_sha256: Optional[str], source_format: str, options: Dict,
+                      changes: List[str]) -> Dict:
+    """Where a folder came from and how it was made."""
+    import diffusers
+    return {
+        "tool": "ledit-convert", "tool_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": {"path": str(Path(source_path).resolve()), "format": source_format, "sha256": source_sha256},
+        "options": options, "changes": changes,
+        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},
+    }
