@@ -1,6 +1,7 @@
 """The `ledit-convert` command line: parses, prints, and maps LeditError to one-line messages."""
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -137,6 +138,128 @@ def inspect(
         typer.echo(json.dumps(summary, indent=2))
     else:
         _print_summary(str(path), summary)
+
+
+@app.command(epilog="Example: accelerate launch -m ledit_convert.cli finetune ledit-xl-2-256 "
+                    "--recipe recipes/ledit-xl2-256.yaml --data latents/ --steps 100000")
+@reported
+def finetune(
+    model_dir: str = typer.Argument(..., help="Model folder written by `surgery` (or an earlier fine-tune)."),
+    data: str = typer.Option(..., help="Image folder (ImageNet layout), saved HF dataset, or latent cache."),
+    recipe: Optional[Path] = typer.Option(None, help="Recipe YAML (recipes/*.yaml); flags override it."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
+    batch_size: Optional[int] = typer.Option(None, help="Global batch size (all processes, all accumulation)."),
+    output_dir: Optional[Path] = typer.Option(None, help="Run folder; the exported model lands in <output-dir>/model."),
+    checkpoint_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps."),
+    resume: Optional[str] = typer.Option(None, help="'latest' or a checkpoint folder."),
+    vae: Optional[str] = typer.Option(None, help="VAE folder or hub id ('none' for pixel-space models)."),
+    lora_rank: Optional[int] = typer.Option(None, help="LoRA rank on attention/MLP linears (0 = full fine-tune)."),
+    mixed_precision: Optional[str] = typer.Option(None, help="no | bf16 | fp16."),
+    override: List[str] = typer.Option([], "--set", help="Any recipe key: --set ema_decay=0.999 (repeatable)."),
+):
+    """Fine-tune a converted model with DiT's objective (accelerate: 1 or N processes, CPU or GPU)."""
+    from .finetune import finetune as run_finetune
+    from .recipe import load_recipe, parse_overrides
+    overrides = parse_overrides(override)
+    overrides.update({k: v for k, v in dict(steps=steps, global_batch_size=batch_size,
+                                            checkpoint_every=checkpoint_every, vae=vae, lora_rank=lora_rank,
+                                            mixed_precision=mixed_precision).items() if v is not None})
+    resolved = load_recipe(str(recipe) if recipe else None, overrides)
+    out = output_dir or Path("runs") / Path(model_dir).name
+    main_process = os.environ.get("RANK", "0") == "0"  # launchers set RANK; accelerate's state is not built yet
+    progress = _TrainingProgress(resolved.steps, disable=not main_process)
+    with progress:
+        summary = run_finetune(model_dir, data, resolved, str(out), resume=resume, progress=progress.update,
+                               validate=_validator())
+    if main_process:
+        if summary["skipped_images"]:
+            console.print(f"[yellow]skipped {summary['skipped_images']} unreadable image(s)[/]; see the log")
+        console.print(f"[green]done[/]: {summary['steps']} steps; model written to {summary['model']}")
+
+
+def _validator():
+    from .finetune import validation_grids
+    return validation_grids
+
+
+class _TrainingProgress:
+    """A rich progress bar (main process only) showing loss, lr, images/s and ETA."""
+
+    def __init__(self, total: int, disable: bool = False):
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+        self.progress = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
+                                 TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  "
+                                            "{task.fields[ips]:.1f} img/s"), TimeRemainingColumn(),
+                                 console=console, transient=False, disable=disable)
+        self.task = self.progress.add_task("finetune", total=total, loss=float("nan"), lr=0.0, ips=0.0)
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def update(self, info: dict):
+        self.progress.update(self.task, completed=info["step"], loss=info["loss"], lr=info["lr"],
+                             ips=info["images_per_s"])
+
+
+@app.command("cache-latents", epilog="Example: ledit-convert cache-latents /data/imagenet/train "
+             "--vae stabilityai/sd-vae-ft-ema --resolution 256 -o latents/")
+@reported
+def cache_latents_cmd(
+    data: str = typer.Argument(..., help="Image folder (ImageNet layout) or saved HF dataset."),
+    vae: str = typer.Option("stabilityai/sd-vae-ft-ema", help="VAE folder or hub id."),
+    resolution: int = typer.Option(256, help="Training image size in pixels."),
+    output: Path = typer.Option(..., "-o", "--output", help="Cache folder (rerun to resume an interrupted cache)."),
+    batch_size: int = typer.Option(32, help="Images per VAE batch."),
+    shard_size: int = typer.Option(4096, help="Latents per safetensors shard."),
+    flips: bool = typer.Option(True, "--flips/--no-flips", help="Also cache the mirrored images."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    dtype: str = typer.Option("fp32", help="VAE dtype: fp32 | bf16 | fp16."),
+    num_workers: int = typer.Option(4, help="Data loader workers."),
+    class_map: Optional[Path] = typer.Option(None, help="JSON/text file mapping folder names to class ids."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Rebuild an existing complete cache."),
+):
+    """Encode a dataset once through the VAE, so fine-tuning never runs it (the fast path for real runs)."""
+    from rich.progress import Progress
+
+    from .data import ImageFolderDataset, HFImageDataset, detect_data_kind, load_class_map
+    from .finetune import load_vae
+    from .latents import cache_latents
+    from .errors import ConfigError, DataError
+    if dtype not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"--dtype {dtype!r} is not one of fp32, bf16, fp16")
+    kind = detect_data_kind(data)
+    if kind == "latents":
+        raise DataError(f"{data}: already a latent cache")
+    dataset = (HFImageDataset(data, resolution, random_flip=False) if kind == "hf" else
+               ImageFolderDataset(data, resolution, load_class_map(class_map) if class_map else None,
+                                  random_flip=False))
+    dtypes = {"fp32": torch_dtype("float32"), "bf16": torch_dtype("bfloat16"), "fp16": torch_dtype("float16")}
+    if device == "auto":
+        device = "cuda" if _cuda() else "cpu"
+    model = load_vae(vae, "cpu")
+    with Progress(console=console) as bar:
+        task = bar.add_task("encoding", total=len(dataset))
+        index = cache_latents(dataset, model, output, batch_size=batch_size, shard_size=shard_size,
+                              flip_variants=flips, device=device, dtype=dtypes[dtype],
+                              progress=lambda done, total: bar.update(task, completed=done, total=total),
+                              num_workers=num_workers, vae_id=vae, overwrite=overwrite)
+    console.print(f"[green]wrote[/] {output}: {index['count']} latents in {len(index['shards'])} shard(s)"
+                  + (f"; skipped {index['skipped']} unreadable image(s)" if index.get("skipped") else ""))
+
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def torch_dtype(name: str):
+    """torch dtype by name."""
+    import torch
+    return getattr(torch, name)
 
 
 def main():

@@ -1,0 +1,363 @@
+"""`ledit-convert finetune`: DiT's training objective on accelerate, shaped as setup / train / save."""
+import copy
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .diffusion import DiffusionSchedule
+from .errors import ConfigError, DataError
+from .export import provenance_record, write_model_folder
+from .model import LEDiTTransformer2DModel
+from .recipe import Recipe, save_recipe
+from .runstate import (ResumableSampler, SeededItems, finish_checkpoint, partial_dir, read_state, resolve_resume,
+                       rng_state, set_rng_state, update_ema, write_state)
+
+logger = logging.getLogger(__name__)
+LORA_TARGETS = r".*blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
+FULLY_TRAINED_WITH_LORA = ("locality_conv", "adaLN_modulation", "final_layer")
+
+
+@dataclass
+class Run:
+    """Everything `train` needs, built once by `setup`."""
+
+    accelerator: object
+    recipe: Recipe
+    model: torch.nn.Module  # prepared (maybe DDP-wrapped, compiled)
+    raw_model: torch.nn.Module  # the unwrapped model (peft-wrapped when LoRA)
+    ema: torch.nn.Module
+    trainable: List[torch.nn.Parameter]
+    ema_trainable: List[torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    loader: torch.utils.data.DataLoader
+    sampler: ResumableSampler
+    schedule: DiffusionSchedule
+    vae: Optional[torch.nn.Module]
+    step_generator: torch.Generator
+    output_dir: Path
+    model_dir: Path
+    micro_batch: int
+    step: int = 0
+    skipped_images: int = 0
+
+    @property
+    def config(self):
+        """The LEDiT config, looked up through the peft wrapper when LoRA is on."""
+        model = self.raw_model
+        return model.base_model.model.config if hasattr(model, "peft_config") else model.config
+
+
+#################################################################################
+#                                     Setup                                     #
+#################################################################################
+
+def load_vae(vae: Optional[str], device):
+    """AutoencoderKL from a local folder or hub id; None for pixel-space models."""
+    if vae is None:
+        return None
+    from diffusers import AutoencoderKL
+    try:
+        model = AutoencoderKL.from_pretrained(vae)
+    except Exception as e:
+        raise ConfigError(f"--vae {vae}: cannot load an AutoencoderKL ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:150] if str(e) else ''})") from None
+    return model.to(device).eval().requires_grad_(False)
+
+
+def _apply_lora(model: LEDiTTransformer2DModel, recipe: Recipe):
+    """peft LoRA on attention/MLP linears; the locality conv, adaLN and final layer train fully."""
+    from peft import LoraConfig, get_peft_model
+    config = LoraConfig(r=recipe.lora_rank, lora_alpha=recipe.lora_alpha or recipe.lora_rank,
+                        target_modules=LORA_TARGETS, init_lora_weights=True)
+    wrapped = get_peft_model(model, config)
+    for name, p in wrapped.named_parameters():
+        if any(part in name for part in FULLY_TRAINED_WITH_LORA) and "lora_" not in name:
+            p.requires_grad_(True)
+    return wrapped
+
+
+def setup(model_dir: str, data: str, recipe: Recipe, output_dir: str, resume: Optional[str] = None) -> Run:
+    """Build accelerator, model, EMA, optimizer and data; restore a checkpoint when resuming."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    from .data import open_training_data
+    output_dir, model_path = Path(output_dir), Path(model_dir)
+    if not (model_path / "config.json").is_file():
+        raise ConfigError(f"{model_dir}: not a model folder (no config.json); run `ledit-convert surgery` first")
+    model = LEDiTTransformer2DModel.from_pretrained(model_path)
+    cfg = model.config
+    resume_from = resolve_resume(resume, output_dir)
+    if resume is None and (output_dir / "checkpoints").exists() and any((output_dir / "checkpoints").iterdir()):
+        raise ConfigError(f"{output_dir}: holds checkpoints of an earlier run; pass --resume latest or another "
+                          "--output-dir")
+    trackers = [t for t in recipe.trackers if t != "wandb" or _has("wandb")]
+    accelerator = Accelerator(
+        mixed_precision=recipe.mixed_precision, gradient_accumulation_steps=recipe.gradient_accumulation_steps,
+        log_with=trackers or None, project_config=ProjectConfiguration(project_dir=str(output_dir),
+                                                                       logging_dir=str(output_dir / "logs")))
+    micro_batch = recipe.per_process_batch(accelerator.num_processes)
+    if torch.cuda.is_available() and recipe.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # data: validated before the first step, with a one-line reason on failure
+    factor = 8 if recipe.vae else 1  # SD VAEs downsample by 8; pixel-space models see the image itself
+    dataset = open_training_data(data, recipe.resolution, cfg.num_classes, patch_size=cfg.patch_size,
+                                 random_flip=False, class_map=recipe.class_map, image_column=recipe.image_column,
+                                 label_column=recipe.label_column, vae_downsample=factor,
+                                 kind=recipe.data_kind)
+    is_latents = hasattr(dataset, "posterior")
+    if is_latents and recipe.random_flip and not dataset.flip_variants:
+        raise DataError(f"{data}: the cache has no flip variants; rebuild it with flips or set random_flip=false")
+    side = recipe.resolution // factor
+    if side % cfg.patch_size or (not is_latents and recipe.vae is None and cfg.in_channels != 3):
+        raise DataError(f"{data}: {recipe.resolution}px images give {side}x{side} inputs with 3 channels, which "
+                        f"do not fit a model with {cfg.in_channels} input channels and patch {cfg.patch_size}")
+    vae = None if is_latents else load_vae(recipe.vae, accelerator.device)
+
+    # model, EMA (a frozen copy, fp32), optimizer
+    if recipe.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    if recipe.lora_rank > 0:
+        model = _apply_lora(model, recipe)
+    model.train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    ema_trainable = [p for p, q in zip(ema.parameters(), model.parameters()) if q.requires_grad]
+    fused = accelerator.device.type == "cuda"
+    optimizer = torch.optim.AdamW(trainable, lr=recipe.learning_rate, weight_decay=recipe.weight_decay,
+                                  betas=(recipe.adam_beta1, recipe.adam_beta2), eps=recipe.adam_eps, fused=fused)
+    ema.to(accelerator.device)
+    prepared, optimizer = accelerator.prepare(model, optimizer)
+    if recipe.compile:
+        prepared = _try_compile(prepared)
+    step_generator = torch.Generator(device=accelerator.device).manual_seed(recipe.seed * 1000 + accelerator.process_index)
+    torch.manual_seed(recipe.seed * 1000 + accelerator.process_index)  # the dilation draw uses the global RNG
+
+    run = Run(accelerator, recipe, prepared, model, ema, trainable, ema_trainable, optimizer, None, None,
+              DiffusionSchedule(), vae, step_generator, output_dir, model_path, micro_batch)
+    consumed = 0
+    if resume_from is not None:
+        consumed = _load_checkpoint(run, resume_from)
+    run.sampler = ResumableSampler(len(dataset), recipe.seed, accelerator.process_index, accelerator.num_processes,
+                                   consumed)
+    run.loader = torch.utils.data.DataLoader(
+        SeededItems(dataset, recipe.seed, recipe.random_flip), batch_size=micro_batch, sampler=run.sampler,
+        num_workers=recipe.num_workers, pin_memory=accelerator.device.type == "cuda", drop_last=True,
+        persistent_workers=recipe.num_workers > 0,
+        generator=torch.Generator().manual_seed(recipe.seed))  # keeps worker seeding off the global RNG stream
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_recipe(recipe, output_dir / "recipe.resolved.yaml")
+        flat = {k: (str(v) if isinstance(v, (list, type(None))) else v) for k, v in recipe.to_dict().items()}
+        accelerator.init_trackers("ledit-finetune", config=flat)
+    return run
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(module) is not None
+
+
+def _try_compile(model):
+    """torch.compile the model; if compilation is unavailable the run continues in eager mode."""
+    try:
+        return torch.compile(model)
+    except Exception as e:  # e.g. no compiler toolchain on this platform
+        logger.warning("torch.compile failed (%s); training continues without it", e)
+        return model
+
+
+#################################################################################
+#                                     Train                                     #
+#################################################################################
+
+def _encode(run: Run, x: torch.Tensor) -> torch.Tensor:
+    """Pixels -> scaled latents through the VAE (a posterior sample, as DiT); latents pass through."""
+    if run.vae is None:
+        return x
+    with torch.no_grad():
+        dist = run.vae.encode(x.to(run.vae.dtype)).latent_dist
+        noise = torch.randn(dist.mean.shape, generator=run.step_generator, device=x.device, dtype=dist.mean.dtype)
+        latent = dist.mean + dist.std * noise
+        shift = getattr(run.vae.config, "shift_factor", None) or 0.0
+        return ((latent - shift) * run.vae.config.scaling_factor).float()
+
+
+def train_step(run: Run, batch) -> torch.Tensor:
+    """One micro-batch of DiT's loss; returns the detached per-sample loss mean."""
+    x, labels, skipped = batch
+    device = run.accelerator.device
+    x = x.to(device, non_blocking=True)
+    labels = labels.to(device, non_blocking=True)
+    run.skipped_images += int(skipped.sum())  # counted on the CPU batch: no device sync
+    x0 = _encode(run, x)
+    b = x0.shape[0]
+    g = run.step_generator
+    t = torch.randint(0, run.schedule.num_timesteps, (b,), generator=g, device=device)
+    noise = torch.randn(x0.shape, generator=g, device=device)
+    drop = torch.rand(b, generator=g, device=device) < run.recipe.class_dropout
+    labels = torch.where(drop, torch.full_like(labels, run.config.num_classes), labels)
+    x_t = run.schedule.q_sample(x0, t, noise)
+    with run.accelerator.accumulate(run.model):
+        with run.accelerator.autocast():
+            out = run.model(x_t, t, labels).sample
+        learn_sigma = out.shape[1] == 2 * x0.shape[1]
+        loss = run.schedule.training_losses(out, x0, x_t, t, noise, learn_sigma)["loss"].mean()
+        run.accelerator.backward(loss)
+        if run.accelerator.sync_gradients and run.recipe.max_grad_norm:
+            run.accelerator.clip_grad_norm_(run.trainable, run.recipe.max_grad_norm)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def train(run: Run, progress: Optional[Callable[[Dict], None]] = None,
+          validate: Optional[Callable[[Run], None]] = None) -> Dict:
+    """Run until recipe.steps optimizer steps; checkpoint, log and validate along the way."""
+    acc, recipe = run.accelerator, run.recipe
+    loss_sum = torch.zeros((), device=acc.device)
+    loss_count = 0
+    losses: List[float] = []
+    t0, images_at_t0 = time.perf_counter(), run.step
+    data = iter(run.loader)
+    while run.step < recipe.steps:
+        for _ in range(recipe.gradient_accumulation_steps):
+            loss_sum += train_step(run, next(data))
+            loss_count += 1
+        update_ema(run.ema_trainable, run.trainable, recipe.ema_decay)
+        run.step += 1
+        if run.step % recipe.log_every == 0 or run.step == recipe.steps:
+            mean_loss = acc.reduce(loss_sum / loss_count, reduction="mean").item()  # the only sync: every N steps
+            loss_sum.zero_()
+            loss_count = 0
+            elapsed = time.perf_counter() - t0
+            ips = (run.step - images_at_t0) * recipe.global_batch_size / max(elapsed, 1e-9)
+            losses.append(mean_loss)
+            acc.log({"loss": mean_loss, "lr": recipe.learning_rate, "images_per_s": ips,
+                     "skipped_images": run.skipped_images}, step=run.step)
+            if progress is not None and acc.is_main_process:
+                progress({"step": run.step, "loss": mean_loss, "lr": recipe.learning_rate, "images_per_s": ips})
+        if run.step % recipe.checkpoint_every == 0 or run.step == recipe.steps:
+            save_checkpoint(run)
+        if validate is not None and recipe.validate_every and run.step % recipe.validate_every == 0:
+            validate(run)
+    return {"steps": run.step, "losses": losses, "skipped_images": run.skipped_images}
+
+
+#################################################################################
+#                                      Save                                     #
+#################################################################################
+
+def _state_tensors(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def save_checkpoint(run: Run) -> Path:
+    """Model, EMA, optimizer, RNG states and data position, written to a partial folder then renamed."""
+    acc = run.accelerator
+    folder = partial_dir(run.output_dir, run.step)
+    if acc.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+    acc.wait_for_everyone()
+    torch.save(rng_state(run.step_generator), folder / f"rng_{acc.process_index}.pt")
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        save_file(_state_tensors(run.raw_model), str(folder / "model.safetensors"))
+        save_file(_state_tensors(run.ema), str(folder / "ema.safetensors"))
+        torch.save(run.optimizer.state_dict(), folder / "optimizer.pt")
+        write_state(folder, {"step": run.step, "consumed_per_process": run.step * run.micro_batch *
+                             run.recipe.gradient_accumulation_steps, "num_processes": acc.num_processes,
+                             "skipped_images": run.skipped_images, "tool_version": __version__})
+        finish_checkpoint(run.output_dir, run.step, run.recipe.keep_checkpoints)
+    acc.wait_for_everyone()
+    return run.output_dir / "checkpoints" / f"step_{run.step:08d}"
+
+
+def _load_checkpoint(run: Run, folder: Path) -> int:
+    """Restore a checkpoint into a freshly built run; returns the items this process had consumed."""
+    acc = run.accelerator
+    state = read_state(folder)
+    if state["num_processes"] != acc.num_processes:
+        raise ConfigError(f"{folder}: saved with {state['num_processes']} process(es), resumed with "
+                          f"{acc.num_processes}; the data order would change")
+    run.raw_model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
+    run.ema.load_state_dict(load_file(str(folder / "ema.safetensors")), strict=True)
+    run.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+    set_rng_state(torch.load(folder / f"rng_{acc.process_index}.pt", weights_only=True), run.step_generator)
+    run.step = state["step"]
+    run.skipped_images = state.get("skipped_images", 0)
+    return state["consumed_per_process"]
+
+
+def export_ema(run: Run, summary: Dict) -> Path:
+    """Write the EMA weights as a model folder (same format as surgery) to <output-dir>/model."""
+    acc = run.accelerator
+    out = run.output_dir / "model"
+    if acc.is_main_process:
+        ema = copy.deepcopy(run.ema).cpu().float()
+        if run.recipe.lora_rank > 0:
+            ema = ema.merge_and_unload()
+        config = {k: v for k, v in dict(ema.config).items() if not k.startswith("_")}
+        prov = provenance_record(run.model_dir, None, "ledit", {"recipe": run.recipe.to_dict()},
+                                 [f"fine-tuned {run.step} steps (EMA {run.recipe.ema_decay})"])
+        prov["training"] = summary
+        write_model_folder(out, config, _state_tensors(ema), overwrite=True, provenance=prov,
+                           extra_files={"recipe.yaml": (run.output_dir / "recipe.resolved.yaml").read_text()})
+    acc.wait_for_everyone()
+    return out
+
+
+@torch.no_grad()
+def validation_grids(run: Run) -> List[Path]:
+    """EMA samples of fixed classes and seed at the training resolution and at 2x, saved as PNG and logged."""
+    import numpy as np
+    from PIL import Image
+
+    from .pipeline import LEDiTPipeline, default_scheduler
+    acc, recipe = run.accelerator, run.recipe
+    if not acc.is_main_process:
+        return []
+    classes = [c for c in recipe.validation_classes if 0 <= c < run.config.num_classes]
+    classes = classes or list(range(min(8, run.config.num_classes)))
+    vae = run.vae if run.vae is not None or recipe.vae is None else load_vae(recipe.vae, acc.device)
+    run.vae = vae
+    scheduler = default_scheduler("ddpm")
+    pipe = LEDiTPipeline(transformer=run.ema, vae=vae, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    folder = run.output_dir / "validation"
+    folder.mkdir(parents=True, exist_ok=True)
+    saved = []
+    side = run.config.sample_size * 8  # pipeline sizes are in pixels of an 8x VAE (also without one)
+    for scale in (1, 2):
+        g = torch.Generator(device=acc.device).manual_seed(recipe.validation_seed)
+        out = pipe(classes, height=side * scale, width=side * scale, num_inference_steps=recipe.validation_steps,
+                   guidance_scale=recipe.validation_cfg, generator=g,
+                   output_type="np" if vae is not None else "latent").images
+        images = np.asarray(out) if vae is not None else ((out.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
+        grid = np.concatenate(list(images), axis=1)  # one row, classes left to right
+        path = folder / f"step_{run.step:08d}_{scale}x.png"
+        Image.fromarray((grid * 255).round().clip(0, 255).astype(np.uint8)).save(path)
+        saved.append(path)
+        for tracker in acc.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image(f"validation/{scale}x", grid, run.step, dataformats="HWC")
+    run.ema.train(False)
+    return saved
+
+
+def finetune(model_dir: str, data: str, recipe: Recipe, output_dir: str, resume: Optional[str] = None,
+             progress: Optional[Callable[[Dict], None]] = None, validate: Optional[Callable[[Run], None]] = None) -> Dict:
+    """setup -> train -> export; returns a summary (steps, logged losses, skipped images, model path)."""
+    run = setup(model_dir, data, recipe, output_dir, resume)
+    summary = train(run, progress, validate)
+    summary["model"] = str(export_ema(run, summary))
+    run.accelerator.end_training()
+    return summary

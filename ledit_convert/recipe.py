@@ -1,0 +1,182 @@
+"""Fine-tuning recipes: YAML files loaded into a typed dataclass; unknown keys and bad values are errors."""
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class Recipe:
+    """Every fine-tuning setting; defaults are DiT's own where the LEDiT paper is silent."""
+
+    # data
+    resolution: int = 256  # training image size in pixels (latent side x 8 with an SD VAE)
+    vae: Optional[str] = "stabilityai/sd-vae-ft-ema"  # DiT's VAE; "none" trains in pixel space
+    data_kind: str = "auto"  # auto | images | hf | latents
+    image_column: str = "image"
+    label_column: str = "label"
+    class_map: Optional[str] = None  # JSON/text file mapping folder names to class ids
+    random_flip: bool = True  # ADM: random horizontal flip
+    num_workers: int = 4
+    # optimisation
+    steps: int = 100_000  # the paper: 100K steps
+    global_batch_size: int = 256  # the paper: 256 across 8 GPUs
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4  # DiT: AdamW, constant LR, no warm-up
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    max_grad_norm: Optional[float] = None  # DiT does not clip
+    ema_decay: float = 0.9999  # DiT: fixed decay, EMA starts as a copy of the weights
+    class_dropout: float = 0.1  # DiT: labels dropped to the null class for CFG
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    allow_tf32: bool = True  # DiT allows TF32
+    gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the model; falls back to eager with a warning if it fails
+    lora_rank: int = 0  # 0 trains every weight; >0 LoRA on attention/MLP linears, merged at export
+    lora_alpha: Optional[float] = None  # default: equal to the rank
+    # run management
+    seed: int = 0
+    checkpoint_every: int = 5000
+    keep_checkpoints: int = 3
+    log_every: int = 100
+    validate_every: int = 5000  # 0 disables validation grids
+    validation_classes: List[int] = field(default_factory=lambda: [207, 360, 387, 974, 88, 979, 417, 279])
+    validation_steps: int = 50
+    validation_cfg: float = 4.0
+    validation_seed: int = 0
+    trackers: List[str] = field(default_factory=lambda: ["tensorboard"])
+
+    def problems(self) -> List[str]:
+        """Every problem with the values at once."""
+        p = []
+        positive = ("resolution", "steps", "global_batch_size", "gradient_accumulation_steps", "checkpoint_every",
+                    "keep_checkpoints", "log_every", "validation_steps")
+        p += [f"{k} must be positive, got {getattr(self, k)}" for k in positive if getattr(self, k) <= 0]
+        if self.data_kind not in ("auto", "images", "hf", "latents"):
+            p.append(f"data_kind {self.data_kind!r} is not one of auto, images, hf, latents")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            p.append(f"mixed_precision {self.mixed_precision!r} is not one of no, bf16, fp16")
+        if not 0.0 <= self.ema_decay < 1.0:
+            p.append(f"ema_decay {self.ema_decay} is not in [0, 1)")
+        if not 0.0 <= self.class_dropout < 1.0:
+            p.append(f"class_dropout {self.class_dropout} is not in [0, 1)")
+        if self.learning_rate <= 0:
+            p.append(f"learning_rate {self.learning_rate} must be positive")
+        if self.lora_rank < 0:
+            p.append(f"lora_rank {self.lora_rank} must be >= 0")
+        if self.validate_every < 0 or self.num_workers < 0:
+            p.append("validate_every and num_workers must be >= 0")
+        bad = [t for t in self.trackers if t not in ("tensorboard", "wandb")]
+        if bad:
+            p.append(f"trackers {bad} are not tensorboard or wandb")
+        return p
+
+    def per_process_batch(self, num_processes: int) -> int:
+        """Micro-batch per process; the global batch must split evenly."""
+        denom = num_processes * self.gradient_accumulation_steps
+        if self.global_batch_size % denom:
+            raise ConfigError(f"global_batch_size {self.global_batch_size} does not split over {num_processes} "
+                              f"process(es) x {self.gradient_accumulation_steps} accumulation step(s)")
+        return self.global_batch_size // denom
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain dict, for YAML and provenance."""
+        return dataclasses.asdict(self)
+
+
+_HINTS = typing.get_type_hints(Recipe)
+
+
+def _coerce(key: str, value: Any, hint) -> Any:
+    """Check (and for CLI strings, convert) one value against its annotated type."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union and type(None) in args:
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(key, value, [a for a in args if a is not type(None)][0])
+    if origin in (list, List):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(key, v, args[0]) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if hint in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            number = hint(value) if isinstance(value, str) else value
+        except ValueError:
+            raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}") from None
+        if hint is int and isinstance(number, float) and not number.is_integer():
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if not isinstance(number, (int, float)):
+            raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+        return hint(number)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def load_recipe(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None) -> Recipe:
+    """A recipe file (or the defaults) with key=value overrides applied; reports every problem at once."""
+    values: Dict[str, Any] = {}
+    where = "recipe"
+    if path is not None:
+        where = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: recipe file not found") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: a recipe is a mapping of keys to values")
+        values.update(loaded or {})
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    problems = [f"unknown key {k!r}" for k in values if k not in _HINTS]
+    clean = {}
+    for key, value in values.items():
+        if key in _HINTS:
+            try:
+                clean[key] = _coerce(key, value, _HINTS[key])
+            except ConfigError as e:
+                problems.append(str(e))
+    if not problems:
+        recipe = Recipe(**clean)
+        if recipe.vae is not None and recipe.vae.lower() == "none":
+            recipe.vae = None
+        problems = recipe.problems()
+    if problems:
+        raise ConfigError(f"{where}: " + "; ".join(problems))
+    return recipe
+
+
+def parse_overrides(pairs: List[str]) -> Dict[str, Any]:
+    """`key=value` strings from the command line; values are converted against the recipe's types."""
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"override {pair!r}: expected key=value")
+        key, value = pair.split("=", 1)
+        out[key.strip().replace("-", "_")] = yaml.safe_load(value) if value.strip() else value
+    return out
+
+
+def save_recipe(recipe: Recipe, path: Path) -> None:
+    """Write the resolved recipe as YAML."""
+    path.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
