@@ -1,0 +1,63 @@
+"""The command line: exit codes, one-line errors without tracebacks, no partial output."""
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from factories import facebook_state_dict
+from ledit_convert.cli import app
+from test_checkpoints import _bad_files
+
+runner = CliRunner()
+
+
+@pytest.fixture()
+def dit(tmp_path):
+    torch.save(facebook_state_dict(seed=21), tmp_path / "dit.pt")
+    return tmp_path / "dit.pt"
+
+
+def test_help_lists_commands():
+    result = runner.invoke(app, [])
+    assert "surgery" in result.output and "inspect" in result.output
+
+
+def test_surgery_then_inspect(dit, tmp_path):
+    out = tmp_path / "ledit"
+    result = runner.invoke(app, ["surgery", str(dit), "-o", str(out), "--num-heads", "4", "--causal-layers", "0,1"])
+    assert result.exit_code == 0, result.output
+    assert "removed the 2D sin/cos positional encoding" in result.output
+    assert "CA CA SA SA" in result.output
+    result = runner.invoke(app, ["inspect", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["format"] == "ledit" and info["causal_blocks"] == [0, 1] and info["locality_conv_zero"] is True
+
+
+def test_bad_inputs_exit_nonzero_with_one_line(tmp_path):
+    for name in _bad_files(tmp_path):
+        out = tmp_path / f"out-{name}"
+        result = runner.invoke(app, ["surgery", str(tmp_path / name), "-o", str(out), "--num-heads", "4"])
+        assert result.exit_code == 2, (name, result.output)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error:") and name in lines[0], (name, result.stderr)
+        assert "Traceback" not in result.output + result.stderr
+        assert not out.exists()
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_existing_output_and_bad_option(dit, tmp_path):
+    out = tmp_path / "ledit"
+    assert runner.invoke(app, ["surgery", str(dit), "-o", str(out), "--num-heads", "4"]).exit_code == 0
+    again = runner.invoke(app, ["surgery", str(dit), "-o", str(out), "--num-heads", "4"])
+    assert again.exit_code == 5 and "--overwrite" in again.stderr
+    bad = runner.invoke(app, ["surgery", str(dit), "-o", str(tmp_path / "x"), "--num-heads", "4", "--scan", "zig"])
+    assert bad.exit_code == 3 and "--scan 'zig'" in bad.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    (tmp_path / "text.pt").write_text("nope")
+    result = runner.invoke(app, ["--debug", "surgery", str(tmp_path / "text.pt"), "-o", str(tmp_path / "o")])
+    assert result.exit_code != 0 and result.exception is not None
