@@ -61,3 +61,23 @@ def test_debug_shows_the_traceback(tmp_path):
     (tmp_path / "text.pt").write_text("nope")
     result = runner.invoke(app, ["--debug", "surgery", str(tmp_path / "text.pt"), "-o", str(tmp_path / "o")])
     assert result.exit_code != 0 and result.exception is not None
+
+
+def test_sample_command(tmp_path):
+    from _tiny import tiny_ledit, tiny_vae
+    model = tiny_ledit()
+    model.save_pretrained(tmp_path / "model")
+    tiny_vae().save_pretrained(tmp_path / "vae")
+    args = ["sample", str(tmp_path / "model"), "--vae", str(tmp_path / "vae"), "--steps", "2", "--class-labels",
+            "1,2,3", "--num-samples", "4", "-o", str(tmp_path / "s"), "--npz", "--device", "cpu"]
+    result = runner.invoke(app, args + ["--height", "16", "--width", "32"])
+    assert result.exit_code == 0, result.output
+    files = sorted(p.name for p in (tmp_path / "s").iterdir())
+    assert "grid.png" in files and any(f.endswith(".npz") for f in files)
+    assert len([f for f in files if f.endswith("png") and f != "grid.png"]) == 4
+    bad = runner.invoke(app, args + ["--height", "17", "--overwrite"])
+    assert bad.exit_code == 3 and "17" in bad.stderr and "Traceback" not in bad.stderr
+    bad = runner.invoke(app, ["sample", str(tmp_path / "model"), "--vae", str(tmp_path / "vae"), "--class-labels",
+                              "99", "-o", str(tmp_path / "t")])
+    assert bad.exit_code == 3 and "99" in bad.stderr
+    assert not (tmp_path / "t").exists()

@@ -1,0 +1,130 @@
+"""Sampling speed: our pipeline + LEDiT against diffusers' DiTPipeline + DiTTransformer2DModel of the same size.
+
+    python benchmarks/bench_sampling.py                      # DiT-S/2-sized, CPU, fp32, 10 DDIM steps, batch 2
+    python benchmarks/bench_sampling.py --threads 1          # steadier on a small, shared CPU
+    python benchmarks/bench_sampling.py --device cuda --dtype bf16 --hidden 1152 --layers 28 --heads 16 --batch 8
+
+Rows, all with classifier-free guidance (one batched forward of 2 x batch) and the same tiny VAE (so decoding
+does not dominate): diffusers' DiTPipeline + DiT at the training size (the baseline), our pipeline + the same
+DiT (pipeline overhead), our pipeline + LEDiT at 1x, 2x (non-square) and 4x tokens. DDIM for all: DiTPipeline
+cannot run DDPM "learned_range" (it drops the variance channels the scheduler then asks for).
+Prints a table and one JSON line; ratios are measured in this run, on this machine.
+"""
+import argparse
+import json
+import time
+
+import torch
+from diffusers import AutoencoderKL, DiTPipeline, DiTTransformer2DModel
+from diffusers.utils import logging as diffusers_logging
+
+from ledit_convert.model import LEDiTTransformer2DModel
+from ledit_convert.pipeline import LEDiTPipeline, default_scheduler
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_args(argv=None):
+    """Command-line options."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
+    p.add_argument("--hidden", type=int, default=384)
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--sample-size", type=int, default=32, help="latent side at the training resolution")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--cfg", type=float, default=4.0)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads); default torch's")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds over all rows; the best per row is reported")
+    return p.parse_args(argv)
+
+
+def tiny_vae() -> AutoencoderKL:
+    """An SD-shaped VAE (4 latent channels, factor 8) with 8-channel blocks: decoding costs next to nothing."""
+    return AutoencoderKL(latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_rows(fns, device, repeats: int):
+    """Best wall time per row; rows are warmed up first (allocator, kernels, FlexAttention compile), then timed
+    round-robin so a burst of load from elsewhere on the machine does not land on one row only."""
+    for fn in fns:
+        fn(warmup=True)
+    best = [float("inf")] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            _sync(device)
+            start = time.perf_counter()
+            fn(warmup=False)
+            _sync(device)
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best
+
+
+def main(argv=None):
+    """Run every row and print the table and a JSON line."""
+    args = parse_args(argv)
+    diffusers_logging.set_verbosity_error()  # .to(dtype) on a fresh model warns about fp32 modules it has none of
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if args.threads:  # on a shared 2-core VM, 2 threads were up to 3x slower than 1 (OpenMP barriers)
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    head_dim = args.hidden // args.heads
+    dit = DiTTransformer2DModel(num_attention_heads=args.heads, attention_head_dim=head_dim, in_channels=4,
+                                out_channels=8, num_layers=args.layers, sample_size=args.sample_size, patch_size=2,
+                                num_embeds_ada_norm=1000).to(device, dtype).eval()
+    ledit = LEDiTTransformer2DModel(sample_size=args.sample_size, hidden_size=args.hidden, num_layers=args.layers,
+                                    num_attention_heads=args.heads, num_classes=1000,
+                                    attention_layout=["self", "causal"] * (args.layers // 2) + ["self"] * (args.layers % 2),
+                                    ).to(device, dtype).eval()
+    vae = tiny_vae().to(device, dtype).eval()
+    labels = [i * 7 % 1000 for i in range(args.batch)]
+    px = args.sample_size * 8
+    theirs = DiTPipeline(dit, vae, default_scheduler("ddim"))
+    ours_dit = LEDiTPipeline(dit, vae, default_scheduler("ddim"))
+    ours = LEDiTPipeline(ledit, vae, default_scheduler("ddim"))
+    for pipe in (theirs, ours_dit, ours):
+        pipe.set_progress_bar_config(disable=True)
+
+    def call(pipe, **kw):
+        def fn(warmup):
+            gen = torch.Generator("cpu").manual_seed(0)
+            pipe(labels, num_inference_steps=2 if warmup else args.steps, guidance_scale=args.cfg, generator=gen,
+                 output_type="np", **kw)
+        return fn
+
+    tokens = (args.sample_size // 2) ** 2
+    rows = [
+        ("diffusers DiTPipeline + DiT", tokens, call(theirs)),
+        ("ours + diffusers DiT", tokens, call(ours_dit, guidance_channels="all")),
+        ("ours + LEDiT 1x tokens", tokens, call(ours)),
+        ("ours + LEDiT 2x tokens (1:2)", 2 * tokens, call(ours, height=px, width=2 * px)),
+        ("ours + LEDiT 4x tokens", 4 * tokens, call(ours, height=2 * px, width=2 * px)),
+    ]
+    with torch.inference_mode():
+        times = time_rows([fn for _, _, fn in rows], device, args.repeats)
+    results = [{"row": name, "tokens": n, "seconds": round(t, 4), "s_per_step": round(t / args.steps, 4)}
+               for (name, n, _), t in zip(rows, times)]
+    base = results[0]["seconds"]
+    for r in results:
+        r["ratio_vs_diffusers"] = round(r["seconds"] / base, 3)
+
+    print(f"device={device} dtype={args.dtype} hidden={args.hidden} layers={args.layers} heads={args.heads} "
+          f"batch={args.batch} (x2 with CFG) steps={args.steps} threads={torch.get_num_threads()}")
+    print(f"{'row':34s} {'tokens':>6s} {'seconds':>9s} {'s/step':>8s} {'ratio':>7s}")
+    for r in results:
+        print(f"{r['row']:34s} {r['tokens']:6d} {r['seconds']:9.3f} {r['s_per_step']:8.3f} {r['ratio_vs_diffusers']:7.3f}")
+    print(json.dumps({"bench": "sampling", "device": str(device), "dtype": args.dtype, "hidden": args.hidden,
+                      "layers": args.layers, "heads": args.heads, "batch": args.batch, "steps": args.steps,
+                      "results": results}))
+
+
+if __name__ == "__main__":
+    main()

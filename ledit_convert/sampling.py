@@ -1,0 +1,321 @@
+"""Sample class-conditional images from a LEDiT or DiT folder: the logic behind `ledit-convert sample`."""
+import json
+import math
+import os
+import time
+import zipfile
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Union
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DiTTransformer2DModel
+from PIL import Image
+
+from .errors import CheckpointError, ConfigError, OutputExistsError
+from .model import LEDiTTransformer2DModel
+from .pipeline import SCHEDULER_KINDS, LEDiTPipeline, default_scheduler
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"  # the VAE DiT was trained with
+GRID_MAX_IMAGES = 64  # a grid is a preview: 50K-sample runs must not build a gigapixel PNG
+DIT_CLASS_NAMES = ("DiTTransformer2DModel", "Transformer2DModel")  # facebook/DiT-XL-2-256 still says the latter
+
+
+@dataclass
+class ModelSource:
+    """Where a transformer lives and what it is, read from JSON only (no weights loaded)."""
+
+    kind: str  # "ledit" (our LEDiTTransformer2DModel) or "dit" (diffusers DiTTransformer2DModel)
+    transformer_dir: str
+    pipeline_dir: Optional[str]  # the folder holding model_index.json, if any
+    config: dict
+
+    @property
+    def num_classes(self) -> int:
+        """Real classes of the model (the null class is this index)."""
+        return int(self.config["num_classes"] if self.kind == "ledit" else self.config.get("num_embeds_ada_norm", 1000))
+
+
+@dataclass
+class SampleResult:
+    """What a sampling run wrote."""
+
+    output_dir: str
+    labels: List[int]
+    image_paths: List[str] = field(default_factory=list)
+    grid_path: Optional[str] = None
+    npz_path: Optional[str] = None
+    seconds: float = 0.0
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+
+
+def inspect_model_dir(model_dir: str) -> ModelSource:
+    """Find the transformer in a model folder, a pipeline folder (model_index.json) or a diffusers DiT folder."""
+    model_dir = str(model_dir)
+    if not os.path.exists(model_dir):
+        raise CheckpointError(f"model folder {model_dir} does not exist")
+    if not os.path.isdir(model_dir):
+        raise CheckpointError(f"{model_dir} is a file; expected a model folder with config.json or model_index.json")
+    pipeline_dir = model_dir if os.path.isfile(os.path.join(model_dir, "model_index.json")) else None
+    if pipeline_dir is None and os.path.isfile(os.path.join(model_dir, "config.json")):
+        transformer_dir = model_dir
+    elif os.path.isfile(os.path.join(model_dir, "transformer", "config.json")):
+        transformer_dir = os.path.join(model_dir, "transformer")
+    elif pipeline_dir is not None:
+        raise CheckpointError(f"pipeline folder {model_dir} has no transformer/config.json")
+    else:
+        raise CheckpointError(f"{model_dir} is not a model folder: no config.json, model_index.json or transformer/")
+    config_path = os.path.join(transformer_dir, "config.json")
+    config = _read_json(config_path)
+    class_name = config.get("_class_name")
+    if class_name == "LEDiTTransformer2DModel":
+        kind = "ledit"
+    elif class_name in DIT_CLASS_NAMES and config.get("norm_type", "ada_norm_zero") == "ada_norm_zero":
+        kind = "dit"
+    else:
+        raise CheckpointError(f"{config_path} describes a {class_name}, not a LEDiT or DiT transformer")
+    if not any(name.endswith((".safetensors", ".bin")) for name in os.listdir(transformer_dir)):
+        raise CheckpointError(f"{transformer_dir} has no weights (*.safetensors or *.bin)")
+    return ModelSource(kind, transformer_dir, pipeline_dir, config)
+
+
+def _resolve_vae(vae: Optional[str], source: ModelSource) -> str:
+    """The VAE given, else the pipeline folder's own vae/, else DiT's sd-vae-ft-ema."""
+    if vae is not None:
+        return str(vae)
+    if source.pipeline_dir is not None and os.path.isfile(os.path.join(source.pipeline_dir, "vae", "config.json")):
+        return os.path.join(source.pipeline_dir, "vae")
+    return DEFAULT_VAE
+
+
+def _vae_scale_factor(vae: str) -> int:
+    try:
+        config = AutoencoderKL.load_config(vae)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read the VAE config of {vae}: {str(e).splitlines()[0]}") from None
+    return 2 ** (len(config["block_out_channels"]) - 1)
+
+
+def load_pipeline(model_dir: str, vae: Optional[str] = None, scheduler: Optional[str] = None, device: str = "cpu",
+                  dtype: str = "fp32") -> LEDiTPipeline:
+    """Load a model, pipeline or diffusers DiT folder into an LEDiTPipeline (no remote code; VAE kept in fp32)."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not one of {tuple(DTYPES)}")
+    source = inspect_model_dir(model_dir)
+    vae_path = _resolve_vae(vae, source)
+    model_cls = LEDiTTransformer2DModel if source.kind == "ledit" else DiTTransformer2DModel
+    try:
+        transformer = model_cls.from_pretrained(source.transformer_dir, torch_dtype=DTYPES[dtype])
+    except (OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"cannot load the transformer in {source.transformer_dir}: {str(e).splitlines()[0]}") from None
+    try:
+        autoencoder = AutoencoderKL.from_pretrained(vae_path)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"cannot load the VAE {vae_path}: {str(e).splitlines()[0]}") from None
+    if scheduler is not None:
+        if scheduler not in SCHEDULER_KINDS:
+            raise ConfigError(f"scheduler {scheduler!r} is not one of {SCHEDULER_KINDS}")
+        noise_scheduler = default_scheduler(scheduler)
+    elif source.pipeline_dir is not None and os.path.isdir(os.path.join(source.pipeline_dir, "scheduler")):
+        import diffusers  # the saved scheduler's class is named in its config
+
+        scheduler_dir = os.path.join(source.pipeline_dir, "scheduler")
+        class_name = _read_json(os.path.join(scheduler_dir, "scheduler_config.json")).get("_class_name")
+        noise_scheduler = getattr(diffusers, class_name).from_pretrained(scheduler_dir)
+    else:
+        noise_scheduler = default_scheduler("ddpm")
+    # The VAE decodes once per image, so fp32 costs little and avoids fp16 overflow in SD VAEs.
+    pipe = LEDiTPipeline(transformer=transformer, vae=autoencoder, scheduler=noise_scheduler)
+    return pipe.to(_check_device(device))
+
+
+def _check_device(device: str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device {device!r} is not a torch device") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} is not available: torch sees no CUDA GPU")
+    return dev
+
+
+def plan_labels(num_samples: int, class_labels: Optional[List[int]], num_classes: int) -> List[int]:
+    """The label of every sample: class-balanced (i mod num_classes) or cycling over the given labels."""
+    pool = list(class_labels) if class_labels else list(range(num_classes))
+    return [int(pool[i % len(pool)]) for i in range(num_samples)]
+
+
+def image_seed(seed: int, index: int) -> int:
+    """A 64-bit seed for sample `index` of a run; SeedSequence keeps (seed, index) pairs from colliding."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0])
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """NCHW float images in [0, 1] -> NHWC uint8, rounding half up like DiT's sample_ddp.py (127.5 x + 128)."""
+    return (images * 255 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+class NpzWriter:
+    """Streams an ADM-format batch (arr_0 uint8 NHWC, arr_1 int64 labels) to a temp file, then os.replace."""
+
+    def __init__(self, path: str, shape: tuple):
+        self.path, self.shape, self.written = path, shape, 0
+        self.tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
+        self.zip = zipfile.ZipFile(self.tmp, "w", zipfile.ZIP_STORED, allowZip64=True)  # np.savez stores too
+        self.entry = self.zip.open("arr_0.npy", "w", force_zip64=True)  # > 4 GB at 50K x 512 x 512
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": shape}
+        np.lib.format.write_array_header_1_0(self.entry, header)
+
+    def append(self, images: np.ndarray) -> None:
+        """Add a batch of NHWC uint8 images in order."""
+        self.entry.write(np.ascontiguousarray(images, dtype=np.uint8).tobytes())
+        self.written += len(images)
+
+    def close(self, labels: List[int]) -> str:
+        """Finish the file (labels as arr_1) and move it into place."""
+        if self.written != self.shape[0]:
+            raise RuntimeError(f"npz holds {self.written} images, expected {self.shape[0]}")
+        self.entry.close()
+        with self.zip.open("arr_1.npy", "w") as f:
+            np.lib.format.write_array(f, np.asarray(labels, dtype=np.int64))
+        self.zip.close()
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        """Drop the temp file after a failure."""
+        try:
+            self.entry.close()
+            self.zip.close()
+        except (ValueError, OSError, RuntimeError):
+            pass
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)
+
+
+def save_grid(images: List[np.ndarray], path: str, pad: int = 2) -> str:
+    """Tile HWC uint8 images into a near-square grid PNG."""
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    h, w = images[0].shape[:2]
+    canvas = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), dtype=np.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, cols)
+        canvas[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = image
+    Image.fromarray(canvas).save(path)
+    return path
+
+
+def sample_images(
+    model_dir: str,
+    vae: Optional[str] = None,
+    height: Optional[int] = None,
+    width: Optional[int] = None,
+    class_labels: Optional[List[int]] = None,
+    num_samples: int = 16,
+    steps: int = 250,
+    cfg_scale: float = 1.5,
+    guidance_channels: Union[int, str, None] = 3,
+    seed: int = 0,
+    batch_size: int = 16,
+    device: str = "cpu",
+    dtype: str = "fp32",
+    scheduler: str = "ddpm",
+    attention_scaling: Optional[str] = None,
+    causal_to_self_below: Optional[int] = None,
+    position_mode: Optional[str] = None,
+    output_dir: str = "samples",
+    write_png: bool = True,
+    write_grid: bool = True,
+    npz: bool = False,
+    overwrite: bool = False,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> SampleResult:
+    """Generate `num_samples` images and write PNGs, a grid and optionally an ADM-format npz.
+
+    Determinism: sample i is drawn with its own generator seeded from (seed, i), so the same seed gives the same
+    images whatever `batch_size` is (up to float noise from batched matmuls), and a run with more samples
+    extends a shorter one. Labels: `class_labels` cycled, or class-balanced (i mod num_classes) when None.
+    Everything is validated (folder, labels, sizes, options) before weights are loaded or files written.
+    `progress(done, total)` is called after each batch. VAE: `vae`, else the pipeline folder's vae/,
+    else stabilityai/sd-vae-ft-ema. `height`/`width` are pixels (default: the training size).
+    """
+    # 1. Validate everything that needs no weights
+    started = time.perf_counter()
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not one of {tuple(DTYPES)}")
+    if scheduler not in SCHEDULER_KINDS:
+        raise ConfigError(f"scheduler {scheduler!r} is not one of {SCHEDULER_KINDS}")
+    for name, value in (("num_samples", num_samples), ("batch_size", batch_size), ("steps", steps)):
+        if value < 1:
+            raise ConfigError(f"{name} {value} must be at least 1")
+    _check_device(device)
+    source = inspect_model_dir(model_dir)
+    num_classes = source.num_classes
+    for label in class_labels or []:
+        if not 0 <= label < num_classes:
+            raise ConfigError(f"class label {label} is out of range: {model_dir} has {num_classes} classes (0..{num_classes - 1})")
+    vae_path = _resolve_vae(vae, source)
+    multiple = _vae_scale_factor(vae_path) * source.config["patch_size"]
+    default_size = source.config["sample_size"] * (multiple // source.config["patch_size"])
+    height = default_size if height is None else height
+    width = default_size if width is None else width
+    for name, value in (("height", height), ("width", width)):
+        if value <= 0 or value % multiple:
+            raise ConfigError(f"{name} {value} is not a positive multiple of {multiple} (VAE factor x patch size)")
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
+        raise OutputExistsError(f"output folder {output_dir} is not empty; pass overwrite=True to write into it")
+
+    # 2. Load, then check the options that depend on the model class (LEDiT-only options on a DiT, ...)
+    pipe = load_pipeline(model_dir, vae=vae_path, scheduler=scheduler, device=device, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)  # the caller reports progress per batch
+    labels = plan_labels(num_samples, class_labels, num_classes)
+    call = dict(height=height, width=width, num_inference_steps=steps, guidance_scale=cfg_scale,
+                guidance_channels=guidance_channels, attention_scaling=attention_scaling,
+                causal_to_self_below=causal_to_self_below, position_mode=position_mode)
+    try:
+        pipe.check_inputs(labels[:1], height, width, steps, guidance_channels, "pt", attention_scaling,
+                          causal_to_self_below, position_mode)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+    # 3. Sample batch by batch, streaming to disk
+    os.makedirs(output_dir, exist_ok=True)
+    result = SampleResult(output_dir=str(output_dir), labels=labels)
+    npz_path = os.path.join(output_dir, f"samples_{num_samples}x{height}x{width}x3.npz")
+    writer = NpzWriter(npz_path, (num_samples, height, width, 3)) if npz else None
+    grid: List[np.ndarray] = []
+    try:
+        for start in range(0, num_samples, batch_size):
+            batch_labels = labels[start:start + batch_size]
+            generators = [torch.Generator("cpu").manual_seed(image_seed(seed, start + i)) for i in range(len(batch_labels))]
+            images = to_uint8(pipe(batch_labels, generator=generators, output_type="pt", **call).images)
+            for i, (image, label) in enumerate(zip(images, batch_labels)):
+                if write_png:
+                    path = os.path.join(output_dir, f"{start + i:06d}_class{label}.png")
+                    Image.fromarray(image).save(path)
+                    result.image_paths.append(path)
+                if write_grid and len(grid) < GRID_MAX_IMAGES:
+                    grid.append(image)
+            if writer is not None:
+                writer.append(images)
+            if progress is not None:
+                progress(min(start + batch_size, num_samples), num_samples)
+        if writer is not None:
+            result.npz_path = writer.close(labels)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    if write_grid:
+        result.grid_path = save_grid(grid, os.path.join(output_dir, "grid.png"))
+    result.seconds = time.perf_counter() - started
+    return result
