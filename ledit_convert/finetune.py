@@ -82,8 +82,12 @@ def _apply_lora(model: LEDiTTransformer2DModel, recipe: Recipe):
     return wrapped
 
 
-def setup(model_dir: str, data: str, recipe: Recipe, output_dir: str, resume: Optional[str] = None) -> Run:
-    """Build accelerator, model, EMA, optimizer and data; restore a checkpoint when resuming."""
+def setup(model_dir: str, data, recipe: Recipe, output_dir: str, resume: Optional[str] = None) -> Run:
+    """Build accelerator, model, EMA, optimizer and data; restore a checkpoint when resuming.
+
+    `data` is a path (image folder, saved HF dataset, latent cache) or a dataset object with `.labels`
+    and `.load(index, flip) -> Sample` (e.g. images already in memory).
+    """
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
@@ -109,10 +113,15 @@ def setup(model_dir: str, data: str, recipe: Recipe, output_dir: str, resume: Op
 
     # data: validated before the first step, with a one-line reason on failure
     factor = 8 if recipe.vae else 1  # SD VAEs downsample by 8; pixel-space models see the image itself
-    dataset = open_training_data(data, recipe.resolution, cfg.num_classes, patch_size=cfg.patch_size,
-                                 random_flip=False, class_map=recipe.class_map, image_column=recipe.image_column,
-                                 label_column=recipe.label_column, vae_downsample=factor,
-                                 kind=recipe.data_kind)
+    if isinstance(data, (str, Path)):
+        dataset = open_training_data(data, recipe.resolution, cfg.num_classes, patch_size=cfg.patch_size,
+                                     random_flip=False, class_map=recipe.class_map, image_column=recipe.image_column,
+                                     label_column=recipe.label_column, vae_downsample=factor,
+                                     kind=recipe.data_kind)
+    else:
+        from .data import check_labels
+        dataset = data
+        check_labels(dataset.labels, cfg.num_classes, type(data).__name__)
     is_latents = hasattr(dataset, "posterior")
     if is_latents and recipe.random_flip and not dataset.flip_variants:
         raise DataError(f"{data}: the cache has no flip variants; rebuild it with flips or set random_flip=false")
@@ -335,13 +344,11 @@ def validation_grids(run: Run) -> List[Path]:
     folder = run.output_dir / "validation"
     folder.mkdir(parents=True, exist_ok=True)
     saved = []
-    side = run.config.sample_size * 8  # pipeline sizes are in pixels of an 8x VAE (also without one)
+    side = run.config.sample_size * pipe.vae_scale_factor  # pixels (model cells for a pixel-space model)
     for scale in (1, 2):
         g = torch.Generator(device=acc.device).manual_seed(recipe.validation_seed)
-        out = pipe(classes, height=side * scale, width=side * scale, num_inference_steps=recipe.validation_steps,
-                   guidance_scale=recipe.validation_cfg, generator=g,
-                   output_type="np" if vae is not None else "latent").images
-        images = np.asarray(out) if vae is not None else ((out.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
+        images = pipe(classes, height=side * scale, width=side * scale, num_inference_steps=recipe.validation_steps,
+                      guidance_scale=recipe.validation_cfg, generator=g, output_type="np").images
         grid = np.concatenate(list(images), axis=1)  # one row, classes left to right
         path = folder / f"step_{run.step:08d}_{scale}x.png"
         Image.fromarray((grid * 255).round().clip(0, 255).astype(np.uint8)).save(path)
