@@ -158,6 +158,14 @@ def image_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0])
 
 
+def iter_samples(pipe: LEDiTPipeline, labels: List[int], seed: int, batch_size: int, **call):
+    """Yield (start index, NHWC uint8 images, labels) batch by batch; image i always uses seed (seed, i)."""
+    for start in range(0, len(labels), batch_size):
+        batch_labels = labels[start:start + batch_size]
+        generators = [torch.Generator("cpu").manual_seed(image_seed(seed, start + i)) for i in range(len(batch_labels))]
+        yield start, to_uint8(pipe(batch_labels, generator=generators, output_type="pt", **call).images), batch_labels
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """NCHW float images in [0, 1] -> NHWC uint8, rounding half up like DiT's sample_ddp.py (127.5 x + 128)."""
     return (images * 255 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -294,10 +302,7 @@ def sample_images(
     writer = NpzWriter(npz_path, (num_samples, height, width, 3)) if npz else None
     grid: List[np.ndarray] = []
     try:
-        for start in range(0, num_samples, batch_size):
-            batch_labels = labels[start:start + batch_size]
-            generators = [torch.Generator("cpu").manual_seed(image_seed(seed, start + i)) for i in range(len(batch_labels))]
-            images = to_uint8(pipe(batch_labels, generator=generators, output_type="pt", **call).images)
+        for start, images, batch_labels in iter_samples(pipe, labels, seed, batch_size, **call):
             for i, (image, label) in enumerate(zip(images, batch_labels)):
                 if write_png:
                     path = os.path.join(output_dir, f"{start + i:06d}_class{label}.png")
