@@ -52,7 +52,8 @@ def build(arm: str, depth: int, hidden: int, heads: int, latent: int):
 def make_step(arm, args, depth, hidden, heads, device, dtype):
     """A closure running one training step of an arm (model, optimizer and batch built once)."""
     torch.manual_seed(0)
-    model = build(arm, depth, hidden, heads, args.latent).to(device).train()
+    with device:  # initialise on the device: XL on a CPU takes seconds per arm
+        model = build(arm, depth, hidden, heads, args.latent).to(device).train()
     if args.grad_ckpt:
         model.enable_gradient_checkpointing()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=device.type == "cuda")

@@ -270,6 +270,32 @@ class HFImageDataset(_ImageDataset):
 #                              Opening a data path                              #
 #################################################################################
 
+class ArrayImageDataset(torch.utils.data.Dataset):
+    """Images already in memory (uint8 NHWC) with labels; `.load(i, flip)` like the file-backed datasets."""
+
+    def __init__(self, images: np.ndarray, labels, random_flip: bool = True):
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise DataError(f"expected uint8 (N, H, W, 3) images, got {images.dtype} {images.shape}")
+        self.images = torch.from_numpy(np.ascontiguousarray(images))
+        self.labels = np.asarray(labels, dtype=np.int64)
+        if len(self.labels) != len(images):
+            raise DataError(f"{len(images)} images but {len(self.labels)} labels")
+        self.random_flip = random_flip
+        self.resolution = images.shape[1]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, index: int, flip: bool = False) -> Sample:
+        """Image `index` as float CHW in [-1, 1], mirrored when `flip`."""
+        x = self.images[index].permute(2, 0, 1).float() / 127.5 - 1.0
+        return Sample(x.flip(-1) if flip else x, int(self.labels[index]), 0)
+
+    def __getitem__(self, index: int) -> Sample:
+        return self.load(index, self.random_flip and bool(torch.rand(()) < 0.5))
+
+
 def is_hf_saved_dataset(path: Union[str, os.PathLike]) -> bool:
     """True for a folder written by Dataset(Dict).save_to_disk."""
     return any(os.path.isfile(os.path.join(path, m)) for m in HF_SAVED_MARKERS)

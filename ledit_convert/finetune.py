@@ -132,6 +132,7 @@ def setup(model_dir: str, data, recipe: Recipe, output_dir: str, resume: Optiona
     vae = None if is_latents else load_vae(recipe.vae, accelerator.device)
 
     # model, EMA (a frozen copy, fp32), optimizer
+    model.set_attention_backend(recipe.attention_backend)
     if recipe.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     if recipe.lora_rank > 0:

@@ -39,6 +39,7 @@ class Recipe:
     allow_tf32: bool = True  # DiT allows TF32
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the model; falls back to eager with a warning if it fails
+    attention_backend: str = "auto"  # auto (FlexAttention for 2D scans on CUDA) | sdpa | flex | math
     lora_rank: int = 0  # 0 trains every weight; >0 LoRA on attention/MLP linears, merged at export
     lora_alpha: Optional[float] = None  # default: equal to the rank
     # run management
@@ -61,6 +62,8 @@ class Recipe:
         p += [f"{k} must be positive, got {getattr(self, k)}" for k in positive if getattr(self, k) <= 0]
         if self.data_kind not in ("auto", "images", "hf", "latents"):
             p.append(f"data_kind {self.data_kind!r} is not one of auto, images, hf, latents")
+        if self.attention_backend not in ("auto", "sdpa", "flex", "math"):
+            p.append(f"attention_backend {self.attention_backend!r} is not one of auto, sdpa, flex, math")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             p.append(f"mixed_precision {self.mixed_precision!r} is not one of no, bf16, fp16")
         if not 0.0 <= self.ema_decay < 1.0:
