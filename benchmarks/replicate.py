@@ -84,7 +84,9 @@ def render_set(out: Path, name: str, n: int, res, seed: int, classes: int) -> np
             return f["images"], f["labels"]
     path.parent.mkdir(parents=True, exist_ok=True)
     ds = ShapesDataset(n, res, num_classes=classes, seed=seed)
-    images = np.stack([ds.render(i) for i in range(n)])
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:  # rendering is per-image numpy work
+        images = np.stack(list(pool.map(ds.render, range(n), chunksize=256)))
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, images=images, labels=ds.labels)
     os.replace(tmp, path)
@@ -140,11 +142,13 @@ def dit_folder(base: Path, folder: Path) -> Path:
     return folder
 
 
-def train_arms(out: Path, cfg: dict, data, base: Path, device: str, deadline: float) -> None:
+def train_arms(out: Path, cfg: dict, data, base: Path, device: str, deadline: float, only=None) -> None:
     """Fine-tune arms (every seed), then the from-scratch arms; stops starting new ones past the deadline."""
     # most important first, so a deadline cuts the least: every arm at the first seed, then the rest
     jobs = [(name, cfg["seeds"][0]) for name in FINETUNE_ARMS] + [(name, cfg["seeds"][0]) for name in SCRATCH_ARMS]
     jobs += [(name, seed) for seed in cfg["seeds"][1:] for name in FINETUNE_ARMS]
+    if only:
+        jobs = sorted((j for j in jobs if j[0] in only), key=lambda j: (j[1], only.index(j[0])))
     for name, seed in jobs:
         run = out / "arms" / f"{name}-s{seed}"
         if (run / "model" / "config.json").exists():
@@ -216,7 +220,7 @@ def load_model(path: Path, device: str):
     return model.to(device).eval()
 
 
-def evaluate_all(out: Path, cfg: dict, base: Path, device: str, extractor) -> list:
+def evaluate_all(out: Path, cfg: dict, base: Path, device: str, extractor, only=None) -> list:
     """Rows for every (arm, seed, resolution), cached one per line in rows.jsonl; sample grids saved."""
     from ledit_convert.evaluate import score
     from ledit_convert.structure import object_stats, shape_accuracy, train_shape_classifier
@@ -233,8 +237,10 @@ def evaluate_all(out: Path, cfg: dict, base: Path, device: str, extractor) -> li
         classifiers[res] = train_shape_classifier(res[0], res[1], MODEL["num_classes"], seed=0,
                                                   steps=cfg["classifier_steps"])
     labels = np.arange(cfg["samples"]) % MODEL["num_classes"]
-    arms = list(models_to_evaluate(out, cfg, base))
-    for arm, seed, path, mode in arms + [("upscale", 0, base, "extrapolate")]:
+    arms = list(models_to_evaluate(out, cfg, base)) + [("upscale", 0, base, "extrapolate")]
+    if only:
+        arms = sorted((a for a in arms if a[0] in only), key=lambda a: only.index(a[0]))
+    for arm, seed, path, mode in arms:
         model = load_model(path, device)
         for res in RESOLUTIONS:
             key = (arm, seed, res_label(res))
@@ -312,8 +318,10 @@ def main():
     parser.add_argument("--train-base", action="store_true", help="Train the base even if a shipped one exists.")
     parser.add_argument("--deadline", type=float, default=None, help="Seconds after which no new training starts.")
     parser.add_argument("--inception-weights", default=None, help="FID Inception TorchScript (default: shipped).")
+    parser.add_argument("--arms", default=None, help="Comma list: train and evaluate only these arms, in this order.")
     args = parser.parse_args()
     cfg = SCALES[args.scale]
+    only = [a.strip() for a in args.arms.split(",")] if args.arms else None
     out = Path(args.out or f"runs/replication-{args.scale}")
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
@@ -335,12 +343,12 @@ def main():
         times["base_s"] = time.time() - t0
     log(f"base DiT: {base}")
     t0 = time.time()
-    train_arms(out, cfg, data, base, args.device, deadline)
+    train_arms(out, cfg, data, base, args.device, deadline, only)
     times["arms_s"] = time.time() - t0
     from ledit_convert.fid import InceptionFeatures
     extractor = InceptionFeatures(args.inception_weights, device=args.device)
     t0 = time.time()
-    rows = evaluate_all(out, cfg, base, args.device, extractor)
+    rows = evaluate_all(out, cfg, base, args.device, extractor, only)
     times["evaluate_s"] = time.time() - t0
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
     meta = dict(scale=args.scale, device=device_name, torch=torch.__version__, base=str(base), config=cfg,

@@ -65,6 +65,31 @@ def _int_list(text: str, option: str) -> List[int]:
         raise ConfigError(f"{option} {text!r}: expected comma-separated integers")
 
 
+@app.command(epilog="Example: ledit-convert demo --output-dir ledit-demo")
+@reported
+def demo(
+    output_dir: Path = typer.Option(Path("ledit-demo"), help="Where the demo writes its models and sheet."),
+    steps: int = typer.Option(40, help="Fine-tune steps in the demo."),
+    sample_steps: int = typer.Option(25, help="Denoising steps for the comparison sheet."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Reuse a non-empty output folder."),
+):
+    """The whole workflow on the shipped small DiT: surgery, fine-tune, comparison sheet, reload; no download."""
+    from .demo import DemoSettings, run_demo
+    result = run_demo(output_dir, DemoSettings(steps=steps, sample_steps=sample_steps), say=console.print,
+                      overwrite=overwrite)
+    table = Table(title="What happened", title_justify="left")
+    table.add_column("model")
+    table.add_column("single object @32px", justify="right")
+    table.add_column("single object @64px (2x)", justify="right")
+    for row in result.rows:
+        table.add_row(row["name"], f"{row['single_object_32']:.2f}", f"{row['single_object_64']:.2f}")
+    console.print(table)
+    timing = ", ".join(f"{k} {v:.0f}s" for k, v in result.seconds.items())
+    console.print(f"comparison sheet: {result.sheet}\nLEDiT after surgery: {result.surgery_dir}\n"
+                  f"fine-tuned LEDiT: {result.finetuned_dir} (reloads in plain diffusers, max abs diff "
+                  f"{result.reload_max_abs_diff:.1e})\ntimes: {timing}")
+
+
 @app.command(epilog="Example: ledit-convert surgery DiT-XL-2-256x256.pt -o ledit-xl-2-256")
 @reported
 def surgery(

@@ -1,0 +1,539 @@
+# One transformer class for stock DiT and LEDiT (arXiv 2503.04344).
+#
+# This file is self-contained (torch and diffusers only): surgery copies it verbatim beside the
+# weights so that `diffusers.AutoModel.from_pretrained(folder, trust_remote_code=True)` loads a
+# converted model where ledit_convert is not installed. Keep it that way.
+#
+# References:
+#   DiT: https://github.com/facebookresearch/DiT/blob/main/models.py (layout and numerics)
+#   LEDiT: causal attention, no positional encoding, locality conv, attention scaling.
+import functools
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.modeling_utils import ModelMixin
+
+ATTENTION_KINDS = ("self", "causal")
+CAUSAL_SCANS = ("one_dimension", "mask_lower_right", "unmask_neighborhood", "mask_lower_right_corner")
+POSITION_ENCODINGS = ("none", "sincos")
+POSITION_MODES = ("extrapolate", "interpolate")
+ATTENTION_SCALINGS = ("log", "none")
+LOCALITY_KINDS = ("none", "full", "depthwise")
+ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "math")
+REMOTE_CODE_FILE = "modeling_ledit.py"  # this file, as it is copied beside saved weights
+
+
+def add_remote_code(folder) -> None:
+    """Copy this file beside a saved model and point config.json's auto_map at it (diffusers AutoModel)."""
+    folder = Path(folder)
+    target = folder / REMOTE_CODE_FILE
+    if not (target.exists() and os.path.samefile(__file__, target)):
+        shutil.copyfile(__file__, target)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    config["auto_map"] = {"AutoModel": f"{Path(REMOTE_CODE_FILE).stem}.LEDiTTransformer2DModel"}
+    tmp = config_path.with_name(".config.json.tmp")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, config_path)
+
+
+#################################################################################
+#                       Positional and causal-scan helpers                      #
+#################################################################################
+
+def sincos_position_table(dim: int, height: int, width: int, base_height: int, base_width: int,
+                          mode: str = "extrapolate") -> torch.Tensor:
+    """MAE/DiT 2D sin/cos table (H*W, dim) in float64; the first half of channels encodes the column."""
+    rows = torch.arange(height, dtype=torch.float64)
+    cols = torch.arange(width, dtype=torch.float64)
+    if mode == "interpolate":  # diffusers' PatchEmbed: squeeze the new grid into the trained range
+        rows = rows * (base_height / height)
+        cols = cols * (base_width / width)
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+
+    def one_axis(pos):  # (M,) -> (M, dim/2): [sin, cos]
+        out = pos[:, None] * omega[None]
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    col_emb = one_axis(cols)[None, :, :].expand(height, width, dim // 2)  # (H, W, D/2)
+    row_emb = one_axis(rows)[:, None, :].expand(height, width, dim // 2)
+    return torch.cat([col_emb, row_emb], dim=-1).reshape(height * width, dim)
+
+
+def causal_visibility(scan: str, height: int, width: int, device=None) -> torch.Tensor:
+    """Boolean [N, N] matrix, True where query i (row) may attend to key j (column); raster order."""
+    idx = torch.arange(height * width, device=device)
+    r, c = idx // width, idx % width
+    qi, kj = idx[:, None], idx[None, :]
+    qr, kr, qc, kc = r[:, None], r[None, :], c[:, None], c[None, :]
+    if scan == "one_dimension":
+        return kj <= qi
+    if scan == "mask_lower_right":
+        return (kr <= qr) & (kc <= qc)
+    if scan == "unmask_neighborhood":
+        return (kj <= qi) | (((kr - qr).abs() <= 1) & ((kc - qc).abs() <= 1))
+    if scan == "mask_lower_right_corner":
+        return ~((kr > qr) & (kc > qc))
+    raise ValueError(f"unknown causal_scan {scan!r}; expected one of {CAUSAL_SCANS}")
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_dense_mask(scan: str, height: int, width: int, device: str) -> torch.Tensor:
+    return causal_visibility(scan, height, width, device=torch.device(device))
+
+
+def _flex_mask_mod(scan: str, width: int):
+    """The same visibility rule as `causal_visibility`, written as a FlexAttention mask_mod."""
+    def mask_mod(b, h, q_idx, kv_idx):
+        qr, qc = q_idx // width, q_idx % width
+        kr, kc = kv_idx // width, kv_idx % width
+        if scan == "one_dimension":
+            return kv_idx <= q_idx
+        if scan == "mask_lower_right":
+            return (kr <= qr) & (kc <= qc)
+        if scan == "unmask_neighborhood":
+            return (kv_idx <= q_idx) | (((kr - qr).abs() <= 1) & ((kc - qc).abs() <= 1))
+        return ~((kr > qr) & (kc > qc))
+    return mask_mod
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_block_mask(scan: str, height: int, width: int, device: str):
+    from torch.nn.attention.flex_attention import create_block_mask
+    n = height * width
+    return create_block_mask(_flex_mask_mod(scan, width), B=None, H=None, Q_LEN=n, KV_LEN=n, device=device)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def attend(q, k, v, causal_scan: Optional[str], grid: tuple, scale: float, backend: str = "auto"):
+    """Multi-head attention over image tokens; q, k, v are (B, heads, N, head_dim)."""
+    height, width = grid
+    if backend == "auto":
+        backend = "flex" if (q.is_cuda and causal_scan not in (None, "one_dimension")) else "sdpa"
+    if backend == "math":  # the textbook formula, for tests
+        logits = (q @ k.transpose(-2, -1)) * scale
+        if causal_scan is not None:
+            mask = causal_visibility(causal_scan, height, width, device=q.device)
+            logits = logits.masked_fill(~mask, float("-inf"))
+        return logits.softmax(dim=-1) @ v
+    if causal_scan is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    if causal_scan == "one_dimension" and backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    if backend == "flex":
+        block_mask = _cached_block_mask(causal_scan, height, width, str(q.device))
+        return _compiled_flex_attention()(q, k, v, block_mask=block_mask, scale=scale)
+    mask = _cached_dense_mask(causal_scan, height, width, str(q.device))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def modulate(x, shift, scale):
+    """adaLN modulation, as in DiT."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+#################################################################################
+#               Embedding Layers for Timesteps and Class Labels                 #
+#################################################################################
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal timestep features followed by a two-layer MLP (DiT)."""
+
+    def __init__(self, hidden_size: int, frequency_size: int = 256, freq_shift: int = 0):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        self.frequency_size = frequency_size
+        self.freq_shift = freq_shift  # DiT divides by half, diffusers by (half - 1)
+
+    def timestep_features(self, t, max_period: int = 10000):
+        """[cos, sin] features of shape (N, frequency_size), float32."""
+        half = self.frequency_size // 2
+        exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+        freqs = torch.exp(exponent / (half - self.freq_shift))
+        args = t[:, None].float() * freqs[None]
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+    def forward(self, t):
+        features = self.timestep_features(t).to(self.mlp[0].weight.dtype)
+        return self.mlp(features)
+
+
+class LabelEmbedder(nn.Module):
+    """Class embedding table with one extra row (index num_classes) for the null class of CFG."""
+
+    def __init__(self, num_classes: int, hidden_size: int):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+        self.num_classes = num_classes
+
+    def forward(self, labels):
+        return self.embedding_table(labels)
+
+
+#################################################################################
+#                                 Core LEDiT Model                              #
+#################################################################################
+
+class Attention(nn.Module):
+    """Multi-head attention with a fused qkv projection (rows q; k; v) as in DiT."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, causal_scan, grid, logit_factor: float, backend: str):
+        b, n, d = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (B, heads, N, head_dim)
+        scale = logit_factor / math.sqrt(self.head_dim)
+        out = attend(q, k, v, causal_scan, grid, scale, backend)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+    """Two-layer MLP with tanh-approximate GELU."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class DiTBlock(nn.Module):
+    """A DiT block with adaLN-Zero conditioning; `causal` selects masked attention."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, causal: bool, norm_eps: float, mlp_norm_eps: float):
+        super().__init__()
+        self.causal = causal
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=norm_eps)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=mlp_norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x, c, causal_scan, grid, logit_factor: float, backend: str):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        h = self.attn(modulate(self.norm1(x), shift_msa, scale_msa), causal_scan, grid, logit_factor, backend)
+        x = x + gate_msa.unsqueeze(1) * h
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class LocalityConv(nn.Module):
+    """Residual k x k convolution on the token grid right after patchify (LEDiT's locality enhancement)."""
+
+    def __init__(self, dim: int, kernel_size: int, depthwise: bool, dilation_prob: float,
+                 dilation_rates: List[int], post_norm: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim, kernel_size, groups=dim if depthwise else 1, bias=True)
+        self.norm = nn.LayerNorm(dim, eps=1e-6) if post_norm else None
+        self.kernel_size = kernel_size
+        self.dilation_prob = dilation_prob
+        self.dilation_rates = list(dilation_rates)
+
+    def sample_dilation(self) -> int:
+        """Dilation 1, or in training mode with probability dilation_prob one of dilation_rates."""
+        if not self.training or self.dilation_prob <= 0 or not self.dilation_rates:
+            return 1
+        if float(torch.rand(())) >= self.dilation_prob:
+            return 1
+        return self.dilation_rates[int(torch.randint(len(self.dilation_rates), ()))]
+
+    def forward(self, x, grid, dilation: Optional[int] = None):
+        height, width = grid
+        dilation = self.sample_dilation() if dilation is None else dilation
+        b, n, d = x.shape
+        image = x.transpose(1, 2).reshape(b, d, height, width)  # (B, D, h, w)
+        pad = dilation * (self.kernel_size - 1) // 2  # zero padding: borders leak position on purpose
+        local = F.conv2d(image, self.conv.weight, self.conv.bias, padding=pad, dilation=dilation,
+                         groups=self.conv.groups)
+        x = x + local.flatten(2).transpose(1, 2)
+        return self.norm(x) if self.norm is not None else x
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated LayerNorm and the linear map back to patches."""
+
+    def __init__(self, dim: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patchify as a strided convolution."""
+
+    def __init__(self, in_channels: int, dim: int, patch_size: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size, bias=True)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
+
+
+class LEDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
+    r"""
+    A class-conditional diffusion transformer in DiT mode (sin/cos positions, self-attention) or LEDiT mode
+    (no positional encoding, causal blocks, locality conv). Any latent height and width divisible by the patch
+    size is accepted.
+
+    Parameters:
+        sample_size (`int`): latent side length the model was trained at (sets N_train for attention scaling
+            and the base grid of position interpolation).
+        patch_size (`int`): patch side length.
+        in_channels (`int`): latent channels.
+        out_channels (`int`): output channels; 2 x in_channels when the variance is learned.
+        hidden_size (`int`): token width D.
+        num_layers (`int`): number of transformer blocks.
+        num_attention_heads (`int`): attention heads per block.
+        mlp_ratio (`float`): MLP hidden width as a multiple of D.
+        num_classes (`int`): number of classes; index `num_classes` is the null class.
+        position_encoding (`str`): "sincos" (stock DiT) or "none" (LEDiT).
+        position_mode (`str`): how the sin/cos table meets a new grid: "extrapolate" (DiT's code, a larger
+            grid) or "interpolate" (diffusers' PatchEmbed, the new grid squeezed into the trained range).
+        attention_layout (`List[str]`): one entry per block, "self" or "causal"; None means all "self".
+        causal_scan (`str`): visibility rule of causal blocks: "one_dimension", "mask_lower_right",
+            "unmask_neighborhood" or "mask_lower_right_corner".
+        attention_scaling (`str`): "log" multiplies logits by sqrt(ln N / ln N_train); "none" leaves them.
+        locality (`str`): "none", "full" (D->D conv) or "depthwise".
+        locality_kernel_size (`int`): conv kernel size (odd).
+        locality_dilation_prob (`float`): probability of a dilated conv at a training step.
+        locality_dilation_rates (`List[int]`): dilations drawn from (uniformly) when dilating.
+        locality_post_norm (`bool`): LayerNorm after the conv residual (the paper's from-scratch refinement).
+        timestep_freq_shift (`int`): 0 reproduces DiT's timestep features, 1 diffusers' (divides by half-1).
+        norm_eps (`float`): eps of the pre-attention LayerNorm.
+        mlp_norm_eps (`float`): eps of the pre-MLP LayerNorm (1e-6 in DiT, 1e-5 in diffusers).
+    """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["DiTBlock"]
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        out_channels: int = 8,
+        hidden_size: int = 1152,
+        num_layers: int = 28,
+        num_attention_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        num_classes: int = 1000,
+        position_encoding: str = "none",
+        position_mode: str = "extrapolate",
+        attention_layout: Optional[List[str]] = None,
+        causal_scan: str = "mask_lower_right_corner",
+        attention_scaling: str = "log",
+        locality: str = "full",
+        locality_kernel_size: int = 3,
+        locality_dilation_prob: float = 0.1,
+        locality_dilation_rates: List[int] = (2,),
+        locality_post_norm: bool = False,
+        timestep_freq_shift: int = 0,
+        norm_eps: float = 1e-6,
+        mlp_norm_eps: float = 1e-6,
+    ):
+        super().__init__()
+        layout = list(attention_layout) if attention_layout is not None else ["self"] * num_layers
+        problems = _config_problems(
+            hidden_size=hidden_size, num_attention_heads=num_attention_heads, num_layers=num_layers,
+            layout=layout, causal_scan=causal_scan, position_encoding=position_encoding,
+            position_mode=position_mode, attention_scaling=attention_scaling, locality=locality,
+            locality_kernel_size=locality_kernel_size, dilation_prob=locality_dilation_prob,
+            dilation_rates=list(locality_dilation_rates), timestep_freq_shift=timestep_freq_shift,
+        )
+        if problems:
+            raise ValueError("invalid LEDiT config: " + "; ".join(problems))
+        self.gradient_checkpointing = False
+        self.attention_backend = "auto"
+        self._position_cache: Dict[Any, torch.Tensor] = {}
+
+        self.x_embedder = PatchEmbed(in_channels, hidden_size, patch_size)
+        self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=timestep_freq_shift)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size)
+        self.locality_conv = None
+        if locality != "none":
+            self.locality_conv = LocalityConv(hidden_size, locality_kernel_size, locality == "depthwise",
+                                         locality_dilation_prob, list(locality_dilation_rates), locality_post_norm)
+        self.blocks = nn.ModuleList([
+            DiTBlock(hidden_size, num_attention_heads, mlp_ratio, kind == "causal", norm_eps, mlp_norm_eps)
+            for kind in layout
+        ])
+        self.final_layer = FinalLayer(hidden_size, patch_size, out_channels)
+        self.initialize_weights()
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        """Drop the AutoModel remote-code pointer, which is for diffusers' loader, not for __init__."""
+        config_dict = {k: v for k, v in config_dict.items() if k != "auto_map"}
+        return super().extract_init_dict(config_dict, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """diffusers' save, plus this file and the auto_map entry, so the folder reloads without ledit_convert."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        add_remote_code(save_directory)
+
+    def initialize_weights(self):
+        """DiT's init for a model trained from scratch; conversion overwrites all but the locality conv."""
+        def _basic_init(module):
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.constant_(module.bias, 0)
+        self.apply(_basic_init)
+        w = self.x_embedder.proj.weight.data  # patchify initialised like a linear layer
+        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        nn.init.constant_(self.x_embedder.proj.bias, 0)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:  # adaLN-Zero: every block starts as the identity
+            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
+            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.linear.weight, 0)
+        nn.init.constant_(self.final_layer.linear.bias, 0)
+        if self.locality_conv is not None:  # zero conv: a converted model starts as the DiT minus PE plus causality
+            nn.init.zeros_(self.locality_conv.conv.weight)
+            nn.init.zeros_(self.locality_conv.conv.bias)
+
+    def set_attention_backend(self, backend: str):
+        """Choose how attention is computed: "auto", "sdpa", "flex" (CUDA) or "math" (reference)."""
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {backend!r}; expected one of {ATTENTION_BACKENDS}")
+        self.attention_backend = backend
+
+    def position_table(self, height: int, width: int, mode: str, device, dtype) -> torch.Tensor:
+        """The sin/cos table for an h x w token grid, cached per grid, mode, device and dtype."""
+        key = (height, width, mode, str(device), dtype)
+        if key not in self._position_cache:
+            base = self.config.sample_size // self.config.patch_size
+            table = sincos_position_table(self.config.hidden_size, height, width, base, base, mode)
+            self._position_cache[key] = table.to(dtype=torch.float32).to(device=device, dtype=dtype)[None]
+        return self._position_cache[key]
+
+    def logit_factor(self, num_tokens: int, scaling: str) -> float:
+        """sqrt(ln N / ln N_train) for "log" scaling, else 1."""
+        train_tokens = (self.config.sample_size // self.config.patch_size) ** 2
+        if scaling == "none" or train_tokens <= 1 or num_tokens == train_tokens:
+            return 1.0
+        return math.sqrt(math.log(num_tokens) / math.log(train_tokens))
+
+    def unpatchify(self, x, height: int, width: int):
+        """(B, h*w, p*p*C) tokens -> (B, C, h*p, w*p) image, from an explicit token grid."""
+        p, c = self.config.patch_size, self.config.out_channels
+        x = x.reshape(x.shape[0], height, width, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, height * p, width * p)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        class_labels: torch.Tensor,
+        attention_kwargs: Optional[Dict[str, Any]] = None,
+        return_dict: bool = True,
+    ):
+        """
+        Predict noise (and variance values) for latents `hidden_states` (B, C, H, W).
+
+        `attention_kwargs` may hold "scaling" ("log"/"none", overrides the config), "causal_to_self"
+        (True runs causal blocks as self-attention) and "position_mode" (overrides the config).
+        """
+        # 1. Input: patchify, positions, locality
+        opts = attention_kwargs or {}
+        p = self.config.patch_size
+        if hidden_states.shape[-2] % p or hidden_states.shape[-1] % p:
+            raise ValueError(f"latent size {tuple(hidden_states.shape[-2:])} is not divisible by patch size {p}")
+        grid = (hidden_states.shape[-2] // p, hidden_states.shape[-1] // p)
+        x = self.x_embedder(hidden_states)  # (B, N, D)
+        if self.config.position_encoding == "sincos":
+            mode = opts.get("position_mode", self.config.position_mode)
+            x = x + self.position_table(grid[0], grid[1], mode, x.device, x.dtype)
+        if self.locality_conv is not None:
+            x = self.locality_conv(x, grid)
+
+        # 2. Conditioning
+        b = x.shape[0]
+        if not torch.is_tensor(timestep):
+            timestep = torch.tensor([timestep], device=x.device)
+        timestep = timestep.to(x.device).reshape(-1).expand(b) if timestep.numel() == 1 else timestep.to(x.device)
+        class_labels = torch.as_tensor(class_labels, device=x.device).reshape(-1).expand(b)
+        c = self.t_embedder(timestep).to(x.dtype) + self.y_embedder(class_labels)  # (B, D)
+
+        # 3. Blocks
+        factor = self.logit_factor(grid[0] * grid[1], opts.get("scaling", self.config.attention_scaling))
+        to_self = bool(opts.get("causal_to_self", False))
+        for block in self.blocks:
+            scan = self.config.causal_scan if (block.causal and not to_self) else None
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                x = self._gradient_checkpointing_func(block, x, c, scan, grid, factor, self.attention_backend)
+            else:
+                x = block(x, c, scan, grid, factor, self.attention_backend)
+
+        # 4. Output
+        x = self.final_layer(x, c)  # (B, N, p*p*C)
+        out = self.unpatchify(x, grid[0], grid[1])
+        if not return_dict:
+            return (out,)
+        return Transformer2DModelOutput(sample=out)
+
+
+def _config_problems(*, hidden_size, num_attention_heads, num_layers, layout, causal_scan, position_encoding,
+                     position_mode, attention_scaling, locality, locality_kernel_size, dilation_prob,
+                     dilation_rates, timestep_freq_shift) -> List[str]:
+    """Every problem with a config at once, each naming the bad value."""
+    problems = []
+    if hidden_size % num_attention_heads:
+        problems.append(f"hidden_size {hidden_size} is not divisible by num_attention_heads {num_attention_heads}")
+    if position_encoding == "sincos" and hidden_size % 4:
+        problems.append(f"hidden_size {hidden_size} must be divisible by 4 for a 2D sin/cos table")
+    if len(layout) != num_layers:
+        problems.append(f"attention_layout has {len(layout)} entries for {num_layers} layers")
+    bad = sorted({k for k in layout if k not in ATTENTION_KINDS})
+    if bad:
+        problems.append(f"attention_layout entries {bad} are not in {ATTENTION_KINDS}")
+    for name, value, allowed in (("causal_scan", causal_scan, CAUSAL_SCANS),
+                                 ("position_encoding", position_encoding, POSITION_ENCODINGS),
+                                 ("position_mode", position_mode, POSITION_MODES),
+                                 ("attention_scaling", attention_scaling, ATTENTION_SCALINGS),
+                                 ("locality", locality, LOCALITY_KINDS)):
+        if value not in allowed:
+            problems.append(f"{name} {value!r} is not one of {allowed}")
+    if locality_kernel_size < 1 or locality_kernel_size % 2 == 0:
+        problems.append(f"locality_kernel_size {locality_kernel_size} must be odd and positive")
+    if not 0.0 <= dilation_prob <= 1.0:
+        problems.append(f"locality_dilation_prob {dilation_prob} is not in [0, 1]")
+    if any((not isinstance(r, int)) or r < 1 for r in dilation_rates):
+        problems.append(f"locality_dilation_rates {dilation_rates} must be positive integers")
+    if timestep_freq_shift not in (0, 1):
+        problems.append(f"timestep_freq_shift {timestep_freq_shift} must be 0 or 1")
+    return problems
