@@ -45,6 +45,8 @@ class Run:
     micro_batch: int
     step: int = 0
     skipped_images: int = 0
+    eager_model: Optional[torch.nn.Module] = None  # the uncompiled model, the fallback when compilation fails
+    compile_checked: bool = False
 
     @property
     def config(self):
@@ -146,13 +148,14 @@ def setup(model_dir: str, data, recipe: Recipe, output_dir: str, resume: Optiona
                                   betas=(recipe.adam_beta1, recipe.adam_beta2), eps=recipe.adam_eps, fused=fused)
     ema.to(accelerator.device)
     prepared, optimizer = accelerator.prepare(model, optimizer)
+    eager = prepared
     if recipe.compile:
-        prepared = _try_compile(prepared)
+        prepared = torch.compile(prepared)  # compiled lazily: failures surface at the first step (see train_step)
     step_generator = torch.Generator(device=accelerator.device).manual_seed(recipe.seed * 1000 + accelerator.process_index)
     torch.manual_seed(recipe.seed * 1000 + accelerator.process_index)  # the dilation draw uses the global RNG
 
     run = Run(accelerator, recipe, prepared, model, ema, trainable, ema_trainable, optimizer, None, None,
-              DiffusionSchedule(), vae, step_generator, output_dir, model_path, micro_batch)
+              DiffusionSchedule(), vae, step_generator, output_dir, model_path, micro_batch, eager_model=eager)
     consumed = 0
     if resume_from is not None:
         consumed = _load_checkpoint(run, resume_from)
@@ -176,13 +179,19 @@ def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def _try_compile(model):
-    """torch.compile the model; if compilation is unavailable the run continues in eager mode."""
+def _forward(run: "Run", x_t, t, labels):
+    """The model's forward; a compiled model that fails on its first call is replaced by the eager one."""
+    if run.model is run.eager_model or run.compile_checked:
+        return run.model(x_t, t, labels).sample
     try:
-        return torch.compile(model)
-    except Exception as e:  # e.g. no compiler toolchain on this platform
-        logger.warning("torch.compile failed (%s); training continues without it", e)
-        return model
+        out = run.model(x_t, t, labels).sample
+    except Exception as e:  # e.g. no C++ toolchain or an unsupported op: keep training, uncompiled
+        logger.warning("torch.compile failed (%s: %s); training continues in eager mode", type(e).__name__,
+                       str(e).splitlines()[0] if str(e) else "")
+        run.model = run.eager_model
+        out = run.model(x_t, t, labels).sample
+    run.compile_checked = True
+    return out
 
 
 #################################################################################
@@ -218,7 +227,7 @@ def train_step(run: Run, batch) -> torch.Tensor:
     x_t = run.schedule.q_sample(x0, t, noise)
     with run.accelerator.accumulate(run.model):
         with run.accelerator.autocast():
-            out = run.model(x_t, t, labels).sample
+            out = _forward(run, x_t, t, labels)
         learn_sigma = out.shape[1] == 2 * x0.shape[1]
         loss = run.schedule.training_losses(out, x0, x_t, t, noise, learn_sigma)["loss"].mean()
         run.accelerator.backward(loss)

@@ -232,3 +232,22 @@ def test_two_process_cpu_run(setup_dirs):
     assert state["num_processes"] == 2 and state["consumed_per_process"] == 3 * 2
     assert sorted(p.name for p in (tmp / "run/checkpoints/step_00000003").glob("rng_*.pt")) == ["rng_0.pt", "rng_1.pt"]
     assert (tmp / "run" / "model" / "config.json").exists()
+
+
+def test_compile_failure_falls_back_to_eager(setup_dirs, monkeypatch, caplog):
+    model, imgs, tmp = setup_dirs
+
+    class Broken(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: Broken(module))
+    with caplog.at_level("WARNING"):
+        summary = finetune(str(model), str(imgs), load_recipe(None, dict(BASE, steps=3, compile=True)),
+                           str(tmp / "run"))
+    assert summary["steps"] == 3
+    assert "training continues in eager mode" in caplog.text
