@@ -43,8 +43,8 @@ SCALES = {
     # train_items renders, steps x batch per stage, samples per (arm, resolution), DDPM steps for sampling
     "smoke": dict(train_items=64, base_steps=4, ft_steps=2, scratch_steps=4, batch=8, samples=8, ref_items=16,
                   sample_steps=4, seeds=[0], workers=0, base_lr=6e-4, ft_lr=2e-4, classifier_steps=20),
-    "quick": dict(train_items=4096, base_steps=1500, ft_steps=300, scratch_steps=1500, batch=32, samples=100,
-                  ref_items=300, sample_steps=50, seeds=[0], workers=1, base_lr=6e-4, ft_lr=2e-4,
+    "quick": dict(train_items=4096, base_steps=1500, ft_steps=100, scratch_steps=300, batch=16, samples=100,
+                  ref_items=300, sample_steps=25, seeds=[0], workers=1, base_lr=6e-4, ft_lr=2e-4,
                   classifier_steps=150),
     "evidence": dict(train_items=20000, base_steps=6000, ft_steps=1500, scratch_steps=6000, batch=128, samples=500,
                      ref_items=1000, sample_steps=50, seeds=[0, 1], workers=6, base_lr=6e-4, ft_lr=2e-4,

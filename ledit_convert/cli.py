@@ -20,8 +20,8 @@ app = typer.Typer(
     add_completion=False,
     rich_markup_mode="rich",
 )
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)  # long paths stay on one line in logs
+err_console = Console(stderr=True, soft_wrap=True)
 _state = {"debug": False}
 
 

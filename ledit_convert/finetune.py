@@ -72,6 +72,18 @@ def load_vae(vae: Optional[str], device):
     return model.to(device).eval().requires_grad_(False)
 
 
+def vae_downsample(vae: Optional[str]) -> int:
+    """Pixels per latent cell of a VAE, read from its config (1 without a VAE: pixel space)."""
+    if vae is None:
+        return 1
+    from diffusers import AutoencoderKL
+    try:
+        config = AutoencoderKL.load_config(vae)
+    except Exception as e:
+        raise ConfigError(f"--vae {vae}: cannot read an AutoencoderKL config ({type(e).__name__})") from None
+    return 2 ** (len(config["block_out_channels"]) - 1)
+
+
 def _apply_lora(model: LEDiTTransformer2DModel, recipe: Recipe):
     """peft LoRA on attention/MLP linears; the locality conv, adaLN and final layer train fully."""
     from peft import LoraConfig, get_peft_model
@@ -114,7 +126,10 @@ def setup(model_dir: str, data, recipe: Recipe, output_dir: str, resume: Optiona
         torch.backends.cudnn.allow_tf32 = True
 
     # data: validated before the first step, with a one-line reason on failure
-    factor = 8 if recipe.vae else 1  # SD VAEs downsample by 8; pixel-space models see the image itself
+    from .data import detect_data_kind
+    latents_path = isinstance(data, (str, Path)) and recipe.data_kind in ("auto", "latents") and \
+        detect_data_kind(data) == "latents"
+    factor = 8 if latents_path else vae_downsample(recipe.vae)  # a cache is checked against its own shape below
     if isinstance(data, (str, Path)):
         dataset = open_training_data(data, recipe.resolution, cfg.num_classes, patch_size=cfg.patch_size,
                                      random_flip=False, class_map=recipe.class_map, image_column=recipe.image_column,
@@ -127,10 +142,11 @@ def setup(model_dir: str, data, recipe: Recipe, output_dir: str, resume: Optiona
     is_latents = hasattr(dataset, "posterior")
     if is_latents and recipe.random_flip and not dataset.flip_variants:
         raise DataError(f"{data}: the cache has no flip variants; rebuild it with flips or set random_flip=false")
-    side = recipe.resolution // factor
-    if side % cfg.patch_size or (not is_latents and recipe.vae is None and cfg.in_channels != 3):
-        raise DataError(f"{data}: {recipe.resolution}px images give {side}x{side} inputs with 3 channels, which "
-                        f"do not fit a model with {cfg.in_channels} input channels and patch {cfg.patch_size}")
+    channels, side = (dataset.latent_shape[0], dataset.latent_shape[-1]) if is_latents else \
+        (3 if recipe.vae is None else cfg.in_channels, recipe.resolution // factor)
+    if side % cfg.patch_size or channels != cfg.in_channels:
+        raise DataError(f"{data}: {recipe.resolution}px images give {channels} x {side}x{side} inputs, which do not "
+                        f"fit a model with {cfg.in_channels} input channels and patch {cfg.patch_size}")
     vae = None if is_latents else load_vae(recipe.vae, accelerator.device)
 
     # model, EMA (a frozen copy, fp32), optimizer

@@ -251,3 +251,29 @@ def test_compile_failure_falls_back_to_eager(setup_dirs, monkeypatch, caplog):
                            str(tmp / "run"))
     assert summary["steps"] == 3
     assert "training continues in eager mode" in caplog.text
+
+
+def test_cache_latents_then_finetune_on_them(tmp_path):
+    from _tiny import tiny_vae
+    tiny_vae().save_pretrained(tmp_path / "vae")  # 4x downsampling, 4 latent channels
+    imgs = make_images(tmp_path / "imgs")
+    runner = CliRunner()
+    result = runner.invoke(app, ["cache-latents", str(imgs), "--vae", str(tmp_path / "vae"), "--resolution", "16",
+                                 "-o", str(tmp_path / "latents"), "--num-workers", "0", "--device", "cpu"])
+    assert result.exit_code == 0, result.output + (result.stderr or "")
+    assert "12 latents" in result.output
+    LEDiTTransformer2DModel(sample_size=4, patch_size=2, in_channels=4, out_channels=8, hidden_size=32, num_layers=2,
+                            num_attention_heads=2, num_classes=3,
+                            attention_layout=["self", "causal"]).save_pretrained(tmp_path / "model")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(dict(BASE, resolution=16, vae=str(tmp_path / "vae"), steps=2)))
+    result = runner.invoke(app, ["finetune", str(tmp_path / "model"), "--data", str(tmp_path / "latents"),
+                                 "--recipe", str(recipe), "--output-dir", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output + (result.stderr or "")
+    # the same images through the VAE on the fly also train, with the VAE's own downsampling factor
+    result = runner.invoke(app, ["finetune", str(tmp_path / "model"), "--data", str(imgs), "--recipe", str(recipe),
+                                 "--output-dir", str(tmp_path / "run2")])
+    assert result.exit_code == 0, result.output + (result.stderr or "")
+    bad = runner.invoke(app, ["finetune", str(tmp_path / "model"), "--data", str(imgs), "--recipe", str(recipe),
+                              "--vae", "none", "--output-dir", str(tmp_path / "run3")])
+    assert bad.exit_code == 4 and "input channels" in bad.stderr
