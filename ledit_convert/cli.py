@@ -198,9 +198,8 @@ def sample(
     from .sampling import sample_images
     labels = _int_list(class_labels, "--class-labels") if class_labels else None
     total = num_samples or (len(labels) if labels else 16)
-    channels = None if guidance_channels == "all" else _int_list(guidance_channels, "--guidance-channels")[0]
-    if device == "auto":
-        device = "cuda" if _cuda() else "cpu"
+    channels = _guidance(guidance_channels)
+    device = _device(device)
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("sampling", total=total)
         result = sample_images(
@@ -234,6 +233,7 @@ def finetune(
 ):
     """Fine-tune a converted model with DiT's objective (accelerate: 1 or N processes, CPU or GPU)."""
     from .finetune import finetune as run_finetune
+    from .finetune import validation_grids
     from .recipe import load_recipe, parse_overrides
     overrides = parse_overrides(override)
     overrides.update({k: v for k, v in dict(steps=steps, global_batch_size=batch_size,
@@ -245,16 +245,11 @@ def finetune(
     progress = _TrainingProgress(resolved.steps, disable=not main_process)
     with progress:
         summary = run_finetune(model_dir, data, resolved, str(out), resume=resume, progress=progress.update,
-                               validate=_validator())
+                               validate=validation_grids)
     if main_process:
         if summary["skipped_images"]:
             console.print(f"[yellow]skipped {summary['skipped_images']} unreadable image(s)[/]; see the log")
         console.print(f"[green]done[/]: {summary['steps']} steps; model written to {summary['model']}")
-
-
-def _validator():
-    from .finetune import validation_grids
-    return validation_grids
 
 
 class _TrainingProgress:
@@ -314,9 +309,8 @@ def evaluate(
     check_models(specs)
     res_list = [parse_resolution(r) for r in resolutions.split(",") if r.strip()]
     ref_paths = parse_references(reference, res_list)
-    if device == "auto":
-        device = "cuda" if _cuda() else "cpu"
-    channels = None if guidance_channels == "all" else _int_list(guidance_channels, "--guidance-channels")[0]
+    device = _device(device)
+    channels = _guidance(guidance_channels)
     settings = dict(num_samples=num_samples, steps=steps, cfg_scale=cfg_scale, guidance_channels=channels,
                     scheduler=scheduler, seed=seed, batch_size=batch_size, device=device, dtype=dtype)
     extractor = InceptionFeatures(weights=inception_weights, device=device)
@@ -365,9 +359,9 @@ def cache_latents_cmd(
     dataset = (HFImageDataset(data, resolution, random_flip=False) if kind == "hf" else
                ImageFolderDataset(data, resolution, load_class_map(class_map) if class_map else None,
                                   random_flip=False))
-    dtypes = {"fp32": torch_dtype("float32"), "bf16": torch_dtype("bfloat16"), "fp16": torch_dtype("float16")}
-    if device == "auto":
-        device = "cuda" if _cuda() else "cpu"
+    import torch
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    device = _device(device)
     model = load_vae(vae, "cpu")
     with Progress(console=console) as bar:
         task = bar.add_task("encoding", total=len(dataset))
@@ -384,10 +378,14 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def torch_dtype(name: str):
-    """torch dtype by name."""
-    import torch
-    return getattr(torch, name)
+def _device(device: str) -> str:
+    """'auto' -> cuda when a GPU is visible, else cpu."""
+    return ("cuda" if _cuda() else "cpu") if device == "auto" else device
+
+
+def _guidance(text: str):
+    """--guidance-channels: 'all' -> None (every channel), else the count of leading guided channels."""
+    return None if text == "all" else _int_list(text, "--guidance-channels")[0]
 
 
 def main():
