@@ -302,8 +302,8 @@ def evaluate(
     """FID (+ precision/recall) of models at several resolutions: rich table, JSON, markdown and a PNG plot."""
     from rich.progress import Progress
 
-    from .evaluate import (check_models, evaluate_models, markdown_table, parse_model_spec, parse_references,
-                           parse_resolution, pipeline_generator, reference_from_path, write_report)
+    from .evaluate import (check_models, evaluate_models, parse_model_spec, parse_references, parse_resolution,
+                           pipeline_generator, reference_from_path, write_report)
     from .fid import InceptionFeatures
     specs = [parse_model_spec(m) for m in model]
     check_models(specs)
@@ -323,8 +323,24 @@ def evaluate(
         rows = evaluate_models(specs, res_list, refs, generate, extractor,
                                progress=lambda msg: (console.print(msg), bar.update(task, description="sampling")))
     paths = write_report(rows, str(output), dict(settings, models=[m for m in model], reference=list(reference)))
-    console.print(markdown_table(rows))
+    table = Table(title="FID (precision / recall)", title_justify="left")
+    columns = list(dict.fromkeys(r["resolution"] for r in rows))
+    table.add_column("model")
+    for col in columns:
+        table.add_column(col, justify="right")
+    for name in dict.fromkeys(r["model"] for r in rows):
+        cells = {r["resolution"]: r for r in rows if r["model"] == name}
+        table.add_row(name, *[_fid_cell(cells.get(col)) for col in columns])
+    console.print(table)
     console.print(f"[green]wrote[/] {paths['json']}, {paths['markdown']}, {paths['plot']}")
+
+
+def _fid_cell(row) -> str:
+    if row is None:
+        return "-"
+    if row.get("precision") is None:
+        return f"{row['fid']:.2f}"
+    return f"{row['fid']:.2f} ({row['precision']:.2f} / {row['recall']:.2f})"
 
 
 @app.command("cache-latents", epilog="Example: ledit-convert cache-latents /data/imagenet/train "
