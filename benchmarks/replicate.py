@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ledit_convert.data import ArrayImageDataset  # noqa: E402
-from ledit_convert.evaluate import Reference, markdown_table, plot_metric, reference_from_images  # noqa: E402
+from ledit_convert.evaluate import markdown_table, plot_metric, reference_from_images  # noqa: E402
 from ledit_convert.export import write_model_folder  # noqa: E402
 from ledit_convert.finetune import finetune  # noqa: E402
 from ledit_convert.model import LEDiTTransformer2DModel, sincos_position_table  # noqa: E402
