@@ -7,7 +7,8 @@
 Rows, all with classifier-free guidance (one batched forward of 2 x batch) and the same tiny VAE (so decoding
 does not dominate): diffusers' DiTPipeline + DiT at the training size (the baseline), our pipeline + the same
 DiT (pipeline overhead), our pipeline + LEDiT at 1x, 2x (non-square) and 4x tokens. DDIM for all: DiTPipeline
-cannot run DDPM "learned_range" (it drops the variance channels the scheduler then asks for).
+cannot run DDPM "learned_range" (it drops the variance channels the scheduler then asks for). A last
+row runs a stock DiT (our class, sin/cos, all self-attention) at 4x tokens: LEDiT's peer at that size.
 Prints a table and one JSON line; ratios are measured in this run, on this machine.
 """
 import argparse
@@ -84,13 +85,17 @@ def main(argv=None):
                                     num_attention_heads=args.heads, num_classes=1000,
                                     attention_layout=["self", "causal"] * (args.layers // 2) + ["self"] * (args.layers % 2),
                                     ).to(device, dtype).eval()
+    # the same weights as a stock DiT in our class (sin/cos extrapolated): the all-self-attention peer at 4x
+    stock = LEDiTTransformer2DModel(**{**ledit.config, "position_encoding": "sincos", "attention_scaling": "none",
+                                       "attention_layout": None, "locality": "none"}).to(device, dtype).eval()
     vae = tiny_vae().to(device, dtype).eval()
     labels = [i * 7 % 1000 for i in range(args.batch)]
     px = args.sample_size * 8
     theirs = DiTPipeline(dit, vae, default_scheduler("ddim"))
     ours_dit = LEDiTPipeline(dit, vae, default_scheduler("ddim"))
     ours = LEDiTPipeline(ledit, vae, default_scheduler("ddim"))
-    for pipe in (theirs, ours_dit, ours):
+    ours_stock = LEDiTPipeline(stock, vae, default_scheduler("ddim"))
+    for pipe in (theirs, ours_dit, ours, ours_stock):
         pipe.set_progress_bar_config(disable=True)
 
     def call(pipe, **kw):
@@ -107,6 +112,7 @@ def main(argv=None):
         ("ours + LEDiT 1x tokens", tokens, call(ours)),
         ("ours + LEDiT 2x tokens (1:2)", 2 * tokens, call(ours, height=px, width=2 * px)),
         ("ours + LEDiT 4x tokens", 4 * tokens, call(ours, height=2 * px, width=2 * px)),
+        ("ours + stock DiT 4x tokens", 4 * tokens, call(ours_stock, height=2 * px, width=2 * px)),
     ]
     with torch.inference_mode():
         times = time_rows([fn for _, _, fn in rows], device, args.repeats)
