@@ -38,13 +38,14 @@ class Run:
     loader: torch.utils.data.DataLoader
     sampler: ResumableSampler
     schedule: DiffusionSchedule
-    vae: Optional[torch.nn.Module]
+    vae: Optional[torch.nn.Module]  # encodes pixel batches; None for latents and pixel-space models
     step_generator: torch.Generator
     output_dir: Path
     model_dir: Path
     micro_batch: int
     step: int = 0
     skipped_images: int = 0
+    decoder: Optional[torch.nn.Module] = None  # the VAE validation decodes with when training on latents
     eager_model: Optional[torch.nn.Module] = None  # the uncompiled model, the fallback when compilation fails
     compile_checked: bool = False
 
@@ -362,8 +363,9 @@ def validation_grids(run: Run) -> List[Path]:
         return []
     classes = [c for c in recipe.validation_classes if 0 <= c < run.config.num_classes]
     classes = classes or list(range(min(8, run.config.num_classes)))
-    vae = run.vae if run.vae is not None or recipe.vae is None else load_vae(recipe.vae, acc.device)
-    run.vae = vae
+    if run.vae is None and recipe.vae is not None and run.decoder is None:
+        run.decoder = load_vae(recipe.vae, acc.device)  # loaded once; never used to encode training batches
+    vae = run.vae if run.vae is not None else run.decoder
     scheduler = default_scheduler("ddpm")
     pipe = LEDiTPipeline(transformer=run.ema, vae=vae, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)

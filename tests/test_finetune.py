@@ -270,6 +270,12 @@ def test_cache_latents_then_finetune_on_them(tmp_path):
     result = runner.invoke(app, ["finetune", str(tmp_path / "model"), "--data", str(tmp_path / "latents"),
                                  "--recipe", str(recipe), "--output-dir", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output + (result.stderr or "")
+    # validation decodes with the VAE, and later steps still train on the cached latents as they are
+    result = runner.invoke(app, ["finetune", str(tmp_path / "model"), "--data", str(tmp_path / "latents"),
+                                 "--recipe", str(recipe), "--steps", "3", "--set", "validate_every=1",
+                                 "--set", "validation_steps=2", "--output-dir", str(tmp_path / "run-val")])
+    assert result.exit_code == 0, result.output + (result.stderr or "")
+    assert len(list((tmp_path / "run-val" / "validation").glob("*.png"))) == 6
     # the same images through the VAE on the fly also train, with the VAE's own downsampling factor
     result = runner.invoke(app, ["finetune", str(tmp_path / "model"), "--data", str(imgs), "--recipe", str(recipe),
                                  "--output-dir", str(tmp_path / "run2")])
