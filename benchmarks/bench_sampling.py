@@ -6,10 +6,12 @@
 
 Rows, all with classifier-free guidance (one batched forward of 2 x batch) and the same tiny VAE (so decoding
 does not dominate): diffusers' DiTPipeline + DiT at the training size (the baseline), our pipeline + the same
-DiT (pipeline overhead), our pipeline + LEDiT at 1x, 2x (non-square) and 4x tokens. DDIM for all: DiTPipeline
-cannot run DDPM "learned_range" (it drops the variance channels the scheduler then asks for). A last
-row runs a stock DiT (our class, sin/cos, all self-attention) at 4x tokens: LEDiT's peer at that size.
-Prints a table and one JSON line; ratios are measured in this run, on this machine.
+DiT (pipeline overhead), then our pipeline with a stock DiT (our class, sin/cos, all self-attention: LEDiT's
+peer at every size) and with the LEDiT at 1x, 2x (non-square) and 4x tokens, and the LEDiT at 4x with its causal
+blocks run as self-attention (what the causal blocks cost). DDIM for all: DiTPipeline cannot run DDPM
+"learned_range" (it drops the variance channels the scheduler then asks for). --compile adds the stock DiT
+and the LEDiT with compiled blocks (ledit_convert.compiling; compile time is spent in the warm-up).
+Prints a table and one JSON line with the ratios the targets name; all measured in this run, on this machine.
 """
 import argparse
 import json
@@ -19,6 +21,7 @@ import torch
 from diffusers import AutoencoderKL, DiTPipeline, DiTTransformer2DModel
 from diffusers.utils import logging as diffusers_logging
 
+from ledit_convert.compiling import compile_blocks
 from ledit_convert.model import LEDiTTransformer2DModel
 from ledit_convert.pipeline import LEDiTPipeline, default_scheduler
 
@@ -39,6 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--cfg", type=float, default=4.0)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads); default torch's")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds over all rows; the best per row is reported")
+    p.add_argument("--compile", action="store_true", help="add rows with compiled transformer blocks")
     return p.parse_args(argv)
 
 
@@ -95,7 +99,17 @@ def main(argv=None):
     ours_dit = LEDiTPipeline(dit, vae, default_scheduler("ddim"))
     ours = LEDiTPipeline(ledit, vae, default_scheduler("ddim"))
     ours_stock = LEDiTPipeline(stock, vae, default_scheduler("ddim"))
-    for pipe in (theirs, ours_dit, ours, ours_stock):
+    pipes = [theirs, ours_dit, ours, ours_stock]
+    if args.compile:
+        fast_ledit, fast_stock = (LEDiTTransformer2DModel(**m.config).to(device, dtype).eval() for m in (ledit, stock))
+        fast_ledit.load_state_dict(ledit.state_dict())
+        fast_stock.load_state_dict(stock.state_dict())
+        compile_blocks(fast_ledit)
+        compile_blocks(fast_stock)
+        fast = LEDiTPipeline(fast_ledit, vae, default_scheduler("ddim"))
+        fast_peer = LEDiTPipeline(fast_stock, vae, default_scheduler("ddim"))
+        pipes += [fast, fast_peer]
+    for pipe in pipes:
         pipe.set_progress_bar_config(disable=True)
 
     def call(pipe, **kw):
@@ -106,30 +120,52 @@ def main(argv=None):
         return fn
 
     tokens = (args.sample_size // 2) ** 2
-    rows = [
-        ("diffusers DiTPipeline + DiT", tokens, call(theirs)),
-        ("ours + diffusers DiT", tokens, call(ours_dit, guidance_channels="all")),
-        ("ours + LEDiT 1x tokens", tokens, call(ours)),
-        ("ours + LEDiT 2x tokens (1:2)", 2 * tokens, call(ours, height=px, width=2 * px)),
-        ("ours + LEDiT 4x tokens", 4 * tokens, call(ours, height=2 * px, width=2 * px)),
-        ("ours + stock DiT 4x tokens", 4 * tokens, call(ours_stock, height=2 * px, width=2 * px)),
-    ]
+    sizes = {"1x": {}, "2x": dict(height=px, width=2 * px), "4x": dict(height=2 * px, width=2 * px)}
+    rows = [("diffusers DiTPipeline + DiT 1x", tokens, call(theirs)),
+            ("ours + diffusers DiT 1x", tokens, call(ours_dit, guidance_channels="all"))]
+    for name, pipe in (("stock DiT", ours_stock), ("LEDiT", ours)):
+        for size, kw in sizes.items():
+            n = tokens * {"1x": 1, "2x": 2, "4x": 4}[size]
+            rows.append((f"ours + {name} {size}" + (" (1:2)" if size == "2x" else ""), n, call(pipe, **kw)))
+    rows.append(("ours + LEDiT 4x, causal blocks as self", 4 * tokens,
+                 call(ours, causal_to_self_below=1000, **sizes["4x"])))
+    if args.compile:
+        rows.append(("compiled stock DiT 4x", 4 * tokens, call(fast_peer, **sizes["4x"])))
+        rows.append(("compiled LEDiT 4x", 4 * tokens, call(fast, **sizes["4x"])))
+        rows.append(("compiled LEDiT 4x, causal blocks as self", 4 * tokens,
+                     call(fast, causal_to_self_below=1000, **sizes["4x"])))
     with torch.inference_mode():
         times = time_rows([fn for _, _, fn in rows], device, args.repeats)
-    results = [{"row": name, "tokens": n, "seconds": round(t, 4), "s_per_step": round(t / args.steps, 4)}
+    results = [{"row": name, "tokens": n, "seconds": round(t, 4), "s_per_step": round(t / args.steps, 4),
+                "images_per_s": round(args.batch / t, 4)}
                for (name, n, _), t in zip(rows, times)]
     base = results[0]["seconds"]
     for r in results:
         r["ratio_vs_diffusers"] = round(r["seconds"] / base, 3)
+    by_name = {r["row"]: r["seconds"] for r in results}
+    ratios = {"ledit_4x_vs_stock_4x": by_name["ours + LEDiT 4x"] / by_name["ours + stock DiT 4x"],
+              "causal_vs_self_4x": by_name["ours + LEDiT 4x"] / by_name["ours + LEDiT 4x, causal blocks as self"],
+              "ledit_1x_vs_diffusers": by_name["ours + LEDiT 1x"] / base}
+    if args.compile:
+        ratios.update({
+            "compiled_ledit_4x_vs_stock_4x": by_name["compiled LEDiT 4x"] / by_name["compiled stock DiT 4x"],
+            "compiled_causal_vs_self_4x": by_name["compiled LEDiT 4x"] / by_name["compiled LEDiT 4x, causal blocks as self"],
+            "compiled_vs_eager_ledit_4x": by_name["compiled LEDiT 4x"] / by_name["ours + LEDiT 4x"]})
+    ratios = {k: round(v, 3) for k, v in ratios.items()}
 
     print(f"device={device} dtype={args.dtype} hidden={args.hidden} layers={args.layers} heads={args.heads} "
           f"batch={args.batch} (x2 with CFG) steps={args.steps} threads={torch.get_num_threads()}")
-    print(f"{'row':34s} {'tokens':>6s} {'seconds':>9s} {'s/step':>8s} {'ratio':>7s}")
+    print(f"{'row':42s} {'tokens':>6s} {'seconds':>9s} {'img/s':>8s} {'vs (a)':>7s}")
     for r in results:
-        print(f"{r['row']:34s} {r['tokens']:6d} {r['seconds']:9.3f} {r['s_per_step']:8.3f} {r['ratio_vs_diffusers']:7.3f}")
+        print(f"{r['row']:42s} {r['tokens']:6d} {r['seconds']:9.3f} {r['images_per_s']:8.3f} "
+              f"{r['ratio_vs_diffusers']:7.3f}")
+    for key, value in ratios.items():
+        print(f"{key:42s} {value:.3f}x")
     print(json.dumps({"bench": "sampling", "device": str(device), "dtype": args.dtype, "hidden": args.hidden,
                       "layers": args.layers, "heads": args.heads, "batch": args.batch, "steps": args.steps,
-                      "results": results}))
+                      "compile": args.compile, "torch": torch.__version__,
+                      "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                      "results": results, "ratios": ratios}))
 
 
 if __name__ == "__main__":

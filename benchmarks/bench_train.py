@@ -7,11 +7,14 @@ Arms, measured in one run with the same random latents, batch and optimizer (Ada
   (a) diffusers DiTTransformer2DModel, (b) our model in DiT mode, (c) our LEDiT (alternating causal
   blocks, scan d, locality conv, dilation in training). Each step is forward + MSE + backward +
   optimizer step. Prints a table (step time, images/s, peak memory, model FLOPs utilisation) and
-  one JSON line; ratios are against (a).
+  one JSON line; ratios are against (a). --compile compiles every arm's transformer blocks the same
+  way (regional torch.compile, ledit_convert.compiling). Peak memory: allocator peak on CUDA; on the
+  CPU, the peak RSS of a child process that builds and trains only that arm.
 """
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ledit_convert.compiling import compile_blocks  # noqa: E402
 from ledit_convert.model import LEDiTTransformer2DModel  # noqa: E402
 
 VARIANTS = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}
@@ -57,7 +61,9 @@ def make_step(arm, args, depth, hidden, heads, device, dtype):
     if args.grad_ckpt:
         model.enable_gradient_checkpointing()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=device.type == "cuda")
-    run = torch.compile(model) if args.compile else model
+    if args.compile:
+        compile_blocks(model)
+    run = model
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(args.batch, 4, args.latent, args.latent, device=device, generator=g)
     target = torch.randn(args.batch, 8, args.latent, args.latent, device=device, generator=g)
@@ -98,7 +104,16 @@ def time_arms(arms, args, depth, hidden, heads, device, dtype):
             steps[arm]()
             sync(device)
             times[arm].append(time.perf_counter() - t0)
-    return {arm: (statistics.median(times[arm]), peaks[arm]) for arm in arms}
+    return {arm: (statistics.median(times[arm]) if times[arm] else None, peaks[arm]) for arm in arms}
+
+
+def cpu_peak_rss(arm: str, args) -> float:
+    """Peak RSS (bytes) of a child process that builds `arm` and runs its warm-up steps, and nothing else."""
+    cmd = [sys.executable, __file__, "--variant", args.variant, "--latent", str(args.latent), "--batch",
+           str(args.batch), "--warmup", str(max(args.warmup, 1)), "--dtype", args.dtype, "--arms", arm,
+           "--steps", "0", "--rss-only"] + ["--compile"] * args.compile + ["--grad-ckpt"] * args.grad_ckpt
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return float(proc.stdout.strip().splitlines()[-1])
 
 
 def main():
@@ -115,6 +130,7 @@ def main():
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="Accelerator peak for MFU (default: 989 for bf16/fp16 on H100/H200, else none).")
     parser.add_argument("--arms", default="diffusers,dit,ledit")
+    parser.add_argument("--rss-only", action="store_true", help=argparse.SUPPRESS)  # the child of cpu_peak_rss
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
@@ -127,8 +143,16 @@ def main():
     peak_tflops = args.peak_tflops
     if peak_tflops is None and device.type == "cuda" and dtype != torch.float32:
         peak_tflops = 989.0  # H100/H200 SXM dense bf16 datasheet figure
+    if args.rss_only:
+        time_arms(args.arms.split(","), args, depth, hidden, heads, device, dtype)
+        # VmHWM, not ru_maxrss: the latter carries the parent's peak across fork + exec
+        hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+        print(int(hwm.split()[1]) * 1024)
+        return
     rows = {}
     measured = time_arms(args.arms.split(","), args, depth, hidden, heads, device, dtype)
+    if device.type == "cpu":
+        measured = {arm: (sec, cpu_peak_rss(arm, args)) for arm, (sec, _) in measured.items()}
     for arm, (seconds, mem) in measured.items():
         rows[arm] = {"step_s": seconds, "images_per_s": args.batch / seconds, "peak_mem_gib": mem / 1024 ** 3,
                      "tflops": flops / seconds / 1e12,

@@ -4,8 +4,9 @@
 
 Checks, in float32 with TF32 off: FlexAttention (block masks) and SDPA (dense boolean mask, is_causal
 for the 1D scan) against the explicit softmax for every scan at 16x16 and non-square 24x40 grids;
-our DiT mode against diffusers' DiTTransformer2DModel; the bf16 forward against fp32. Exits
-non-zero if any check fails.
+compiled blocks (inductor, FlexAttention inside the graph) against eager math, outputs and every
+gradient of a training step; our DiT mode against diffusers' DiTTransformer2DModel; the bf16 forward
+against fp32. Exits non-zero if any check fails.
 """
 import json
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ledit_convert.compiling import compile_blocks  # noqa: E402
 from ledit_convert.model import CAUSAL_SCANS, LEDiTTransformer2DModel  # noqa: E402
 
 
@@ -55,6 +57,26 @@ def main():
                 results[key] = err
                 ok &= err < 1e-4
                 print(f"{key:48} rel err {err:.2e}")
+    # compiled blocks (auto backend: FlexAttention traced into each block's graph) against eager math: a
+    # training step's output and gradients
+    import copy
+    base = random_model(**common, position_encoding="none", attention_layout=["self", "causal"] * 2,
+                        locality_dilation_prob=0.0).train()
+    x = torch.randn(2, 4, 48, 80, device="cuda")
+    t, y = torch.tensor([10, 900], device="cuda"), torch.tensor([1, 1000], device="cuda")
+    ref_model = copy.deepcopy(base)
+    ref_model.set_attention_backend("math")
+    ref = ref_model(x, t, y).sample
+    ref.square().mean().backward()
+    fast = copy.deepcopy(base)
+    compile_blocks(fast)
+    out = fast(x, t, y).sample
+    out.square().mean().backward()
+    grad_err = max(rel(p.grad, q.grad) for p, q in zip(fast.parameters(), ref_model.parameters()))
+    results["compiled_vs_math_output"], results["compiled_vs_math_max_grad"] = rel(out, ref), grad_err
+    ok &= results["compiled_vs_math_output"] < 1e-4 and grad_err < 1e-3
+    print(f"{'compiled blocks vs eager math (24x40), output':48} rel err {results['compiled_vs_math_output']:.2e}")
+    print(f"{'compiled blocks vs eager math, worst gradient':48} rel err {grad_err:.2e}")
     # bf16 forward of the LEDiT against fp32 (auto backend)
     model = random_model(**common, position_encoding="none", attention_layout=["self", "causal"] * 2)
     x = torch.randn(2, 4, 64, 64, device="cuda")

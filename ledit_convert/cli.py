@@ -191,6 +191,8 @@ def sample(
     npz: bool = typer.Option(False, "--npz", help="Also write an ADM-format batch (arr_0 uint8 NHWC) for FID."),
     no_png: bool = typer.Option(False, "--no-png", help="Skip the per-image PNGs."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty output folder."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the transformer blocks (one compile per "
+                                                          "resolution; pays off over many batches)."),
 ):
     """Generate class-conditional images at any height and width."""
     from rich.progress import Progress
@@ -207,7 +209,7 @@ def sample(
             cfg_scale=cfg_scale, guidance_channels=channels, seed=seed, batch_size=batch_size, device=device,
             dtype=dtype, scheduler=scheduler, attention_scaling=attention_scaling,
             causal_to_self_below=causal_to_self_below, position_mode=position_mode, output_dir=str(output),
-            write_png=not no_png, npz=npz, overwrite=overwrite,
+            write_png=not no_png, npz=npz, overwrite=overwrite, compile=compile,
             progress=lambda done, n: bar.update(task, completed=done, total=n))
     console.print(f"[green]wrote[/] {len(result.labels)} image(s) to {result.output_dir} in {result.seconds:.1f}s"
                   + (f"; grid {result.grid_path}" if result.grid_path else "")

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import __version__
+from .compiling import compile_blocks, uncompile_blocks
 from .diffusion import DiffusionSchedule
 from .errors import ConfigError, DataError
 from .export import provenance_record, write_model_folder
@@ -46,8 +47,7 @@ class Run:
     step: int = 0
     skipped_images: int = 0
     decoder: Optional[torch.nn.Module] = None  # the VAE validation decodes with when training on latents
-    eager_model: Optional[torch.nn.Module] = None  # the uncompiled model, the fallback when compilation fails
-    compile_checked: bool = False
+    compile_pending: bool = False  # blocks compiled, first forward not yet run (where compile errors surface)
 
     @property
     def config(self):
@@ -165,14 +165,14 @@ def setup(model_dir: str, data, recipe: Recipe, output_dir: str, resume: Optiona
                                   betas=(recipe.adam_beta1, recipe.adam_beta2), eps=recipe.adam_eps, fused=fused)
     ema.to(accelerator.device)
     prepared, optimizer = accelerator.prepare(model, optimizer)
-    eager = prepared
     if recipe.compile:
-        prepared = torch.compile(prepared)  # compiled lazily: failures surface at the first step (see train_step)
+        compile_blocks(model)  # regional and lazy: failures surface at the first step (see _forward)
     step_generator = torch.Generator(device=accelerator.device).manual_seed(recipe.seed * 1000 + accelerator.process_index)
     torch.manual_seed(recipe.seed * 1000 + accelerator.process_index)  # the dilation draw uses the global RNG
 
     run = Run(accelerator, recipe, prepared, model, ema, trainable, ema_trainable, optimizer, None, None,
-              DiffusionSchedule(), vae, step_generator, output_dir, model_path, micro_batch, eager_model=eager)
+              DiffusionSchedule(), vae, step_generator, output_dir, model_path, micro_batch,
+              compile_pending=recipe.compile)
     consumed = 0
     if resume_from is not None:
         consumed = _load_checkpoint(run, resume_from)
@@ -197,18 +197,17 @@ def _has(module: str) -> bool:
 
 
 def _forward(run: "Run", x_t, t, labels):
-    """The model's forward; a compiled model that fails on its first call is replaced by the eager one."""
-    if run.model is run.eager_model or run.compile_checked:
+    """The model's forward; compiled blocks that fail on the first call are switched back to eager."""
+    if not run.compile_pending:
         return run.model(x_t, t, labels).sample
+    run.compile_pending = False
     try:
-        out = run.model(x_t, t, labels).sample
+        return run.model(x_t, t, labels).sample
     except Exception as e:  # e.g. no C++ toolchain or an unsupported op: keep training, uncompiled
         logger.warning("torch.compile failed (%s: %s); training continues in eager mode", type(e).__name__,
                        str(e).splitlines()[0] if str(e) else "")
-        run.model = run.eager_model
-        out = run.model(x_t, t, labels).sample
-    run.compile_checked = True
-    return out
+        uncompile_blocks(run.model)
+        return run.model(x_t, t, labels).sample
 
 
 #################################################################################

@@ -38,7 +38,7 @@ class Recipe:
     mixed_precision: str = "no"  # no | bf16 | fp16
     allow_tf32: bool = True  # DiT allows TF32
     gradient_checkpointing: bool = False
-    compile: bool = False  # torch.compile the model; falls back to eager with a warning if it fails
+    compile: bool = False  # torch.compile the transformer blocks; falls back to eager with a warning if it fails
     attention_backend: str = "auto"  # auto (FlexAttention for 2D scans on CUDA) | sdpa | flex | math
     lora_rank: int = 0  # 0 trains every weight; >0 LoRA on attention/MLP linears, merged at export
     lora_alpha: Optional[float] = None  # default: equal to the rank

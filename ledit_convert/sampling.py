@@ -1,5 +1,6 @@
 """Sample class-conditional images from a LEDiT or DiT folder: the logic behind `ledit-convert sample`."""
 import json
+import logging
 import math
 import os
 import time
@@ -12,10 +13,12 @@ import torch
 from diffusers import AutoencoderKL, DiTTransformer2DModel
 from PIL import Image
 
+from .compiling import compile_blocks, uncompile_blocks
 from .errors import CheckpointError, ConfigError, OutputExistsError
 from .model import LEDiTTransformer2DModel
 from .pipeline import SCHEDULER_KINDS, LEDiTPipeline, default_scheduler
 
+logger = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"  # the VAE DiT was trained with
 GRID_MAX_IMAGES = 64  # a grid is a preview: 50K-sample runs must not build a gigapixel PNG
@@ -105,8 +108,11 @@ def _vae_scale_factor(vae: str) -> int:
 
 
 def load_pipeline(model_dir: str, vae: Optional[str] = None, scheduler: Optional[str] = None, device: str = "cpu",
-                  dtype: str = "fp32") -> LEDiTPipeline:
-    """Load a model, pipeline or diffusers DiT folder into an LEDiTPipeline (no remote code; VAE kept in fp32)."""
+                  dtype: str = "fp32", compile: bool = False) -> LEDiTPipeline:
+    """Load a model, pipeline or diffusers DiT folder into an LEDiTPipeline (no remote code; VAE kept in fp32).
+
+    `compile=True` compiles the transformer's blocks (regional torch.compile, one compile per resolution);
+    compilation happens at the first forward, so errors surface there (see `sample_images`)."""
     if dtype not in DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not one of {tuple(DTYPES)}")
     source = inspect_model_dir(model_dir)
@@ -134,7 +140,10 @@ def load_pipeline(model_dir: str, vae: Optional[str] = None, scheduler: Optional
         noise_scheduler = default_scheduler("ddpm")
     # The VAE decodes once per image, so fp32 costs little and avoids fp16 overflow in SD VAEs.
     pipe = LEDiTPipeline(transformer=transformer, vae=autoencoder, scheduler=noise_scheduler)
-    return pipe.to(_check_device(device))
+    pipe = pipe.to(_check_device(device))
+    if compile:
+        compile_blocks(pipe.transformer)
+    return pipe
 
 
 def _check_device(device: str) -> torch.device:
@@ -209,6 +218,22 @@ class NpzWriter:
             os.remove(self.tmp)
 
 
+def _batches(pipe: LEDiTPipeline, labels: List[int], seed: int, batch_size: int, compiled: bool, **call):
+    """`iter_samples`, except that compiled blocks failing on the first batch are switched back to eager."""
+    batches = iter_samples(pipe, labels, seed, batch_size, **call)
+    if compiled:
+        try:
+            first = next(batches)
+        except Exception as e:  # e.g. no C++ toolchain for inductor on this machine
+            logger.warning("torch.compile failed (%s: %s); sampling continues in eager mode", type(e).__name__,
+                           str(e).splitlines()[0] if str(e) else "")
+            uncompile_blocks(pipe.transformer)
+            batches = iter_samples(pipe, labels, seed, batch_size, **call)
+        else:
+            yield first
+    yield from batches
+
+
 def save_grid(images: List[np.ndarray], path: str, pad: int = 2) -> str:
     """Tile HWC uint8 images into a near-square grid PNG."""
     cols = math.ceil(math.sqrt(len(images)))
@@ -245,6 +270,7 @@ def sample_images(
     write_grid: bool = True,
     npz: bool = False,
     overwrite: bool = False,
+    compile: bool = False,
     progress: Optional[Callable[[int, int], None]] = None,
 ) -> SampleResult:
     """Generate `num_samples` images and write PNGs, a grid and optionally an ADM-format npz.
@@ -254,7 +280,8 @@ def sample_images(
     extends a shorter one. Labels: `class_labels` cycled, or class-balanced (i mod num_classes) when None.
     Everything is validated (folder, labels, sizes, options) before weights are loaded or files written.
     `progress(done, total)` is called after each batch. VAE: `vae`, else the pipeline folder's vae/,
-    else stabilityai/sd-vae-ft-ema. `height`/`width` are pixels (default: the training size).
+    else stabilityai/sd-vae-ft-ema. `height`/`width` are pixels (default: the training size). `compile=True`
+    compiles the transformer blocks; if compilation fails at the first batch, sampling warns and goes on eagerly.
     """
     # 1. Validate everything that needs no weights
     started = time.perf_counter()
@@ -283,7 +310,7 @@ def sample_images(
         raise OutputExistsError(f"output folder {output_dir} is not empty; pass overwrite=True to write into it")
 
     # 2. Load, then check the options that depend on the model class (LEDiT-only options on a DiT, ...)
-    pipe = load_pipeline(model_dir, vae=vae_path, scheduler=scheduler, device=device, dtype=dtype)
+    pipe = load_pipeline(model_dir, vae=vae_path, scheduler=scheduler, device=device, dtype=dtype, compile=compile)
     pipe.set_progress_bar_config(disable=True)  # the caller reports progress per batch
     labels = plan_labels(num_samples, class_labels, num_classes)
     call = dict(height=height, width=width, num_inference_steps=steps, guidance_scale=cfg_scale,
@@ -302,7 +329,7 @@ def sample_images(
     writer = NpzWriter(npz_path, (num_samples, height, width, 3)) if npz else None
     grid: List[np.ndarray] = []
     try:
-        for start, images, batch_labels in iter_samples(pipe, labels, seed, batch_size, **call):
+        for start, images, batch_labels in _batches(pipe, labels, seed, batch_size, compile, **call):
             for i, (image, label) in enumerate(zip(images, batch_labels)):
                 if write_png:
                     path = os.path.join(output_dir, f"{start + i:06d}_class{label}.png")

@@ -120,25 +120,47 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def attend(q, k, v, causal_scan: Optional[str], grid: tuple, scale: float, backend: str = "auto"):
-    """Multi-head attention over image tokens; q, k, v are (B, heads, N, head_dim)."""
+def resolve_backend(backend: str, causal_scan: Optional[str], device_type: str) -> str:
+    """The concrete backend for a block: "auto" is FlexAttention for 2D scans on CUDA, else SDPA."""
+    if backend != "auto":
+        return backend
+    return "flex" if (device_type == "cuda" and causal_scan not in (None, "one_dimension")) else "sdpa"
+
+
+def attention_mask(causal_scan: Optional[str], grid: tuple, device, backend: str):
+    """What `attend` needs for a causal scan under a concrete backend, cached per (scan, grid, device): a
+    FlexAttention BlockMask ("flex"), a boolean matrix ("sdpa", 2D scans), or None (is_causal SDPA, "math")."""
+    if causal_scan is None or backend == "math" or (backend == "sdpa" and causal_scan == "one_dimension"):
+        return None
+    if backend == "flex":
+        return _cached_block_mask(causal_scan, grid[0], grid[1], str(device))
+    return _cached_dense_mask(causal_scan, grid[0], grid[1], str(device))
+
+
+def attend(q, k, v, causal_scan: Optional[str], grid: tuple, scale: float, backend: str = "auto", mask=None):
+    """Multi-head attention over image tokens; q, k, v are (B, heads, N, head_dim).
+
+    `mask` is `attention_mask(...)` for this scan and backend; the model looks it up outside compiled code and
+    passes it in, so a compiled block never rebuilds it. Left None, it is looked up here."""
     height, width = grid
-    if backend == "auto":
-        backend = "flex" if (q.is_cuda and causal_scan not in (None, "one_dimension")) else "sdpa"
+    backend = resolve_backend(backend, causal_scan, q.device.type)
     if backend == "math":  # the textbook formula, for tests
         logits = (q @ k.transpose(-2, -1)) * scale
         if causal_scan is not None:
-            mask = causal_visibility(causal_scan, height, width, device=q.device)
-            logits = logits.masked_fill(~mask, float("-inf"))
+            visible = causal_visibility(causal_scan, height, width, device=q.device)
+            logits = logits.masked_fill(~visible, float("-inf"))
         return logits.softmax(dim=-1) @ v
     if causal_scan is None:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     if causal_scan == "one_dimension" and backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    if mask is None:
+        mask = attention_mask(causal_scan, grid, q.device, backend)
     if backend == "flex":
-        block_mask = _cached_block_mask(causal_scan, height, width, str(q.device))
-        return _compiled_flex_attention()(q, k, v, block_mask=block_mask, scale=scale)
-    mask = _cached_dense_mask(causal_scan, height, width, str(q.device))
+        if torch.compiler.is_compiling():  # inside a compiled block: traced into its graph
+            from torch.nn.attention.flex_attention import flex_attention
+            return flex_attention(q, k, v, block_mask=mask, scale=scale)
+        return _compiled_flex_attention()(q, k, v, block_mask=mask, scale=scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
@@ -199,12 +221,12 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, causal_scan, grid, logit_factor: float, backend: str):
+    def forward(self, x, causal_scan, grid, logit_factor: float, backend: str, mask=None):
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, heads, N, head_dim)
         scale = logit_factor / math.sqrt(self.head_dim)
-        out = attend(q, k, v, causal_scan, grid, scale, backend)
+        out = attend(q, k, v, causal_scan, grid, scale, backend, mask)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -232,9 +254,9 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x, c, causal_scan, grid, logit_factor: float, backend: str):
+    def forward(self, x, c, causal_scan, grid, logit_factor: float, backend: str, mask=None):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        h = self.attn(modulate(self.norm1(x), shift_msa, scale_msa), causal_scan, grid, logit_factor, backend)
+        h = self.attn(modulate(self.norm1(x), shift_msa, scale_msa), causal_scan, grid, logit_factor, backend, mask)
         x = x + gate_msa.unsqueeze(1) * h
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
@@ -294,7 +316,9 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size, bias=True)
 
     def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
+        # contiguous (B, N, D): compiled blocks (inductor, CPU) computed wrong attention gradients for the
+        # transposed layout, and every linear layer after this prefers rows anyway
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
 
 
 class LEDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
@@ -333,6 +357,7 @@ class LEDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["DiTBlock"]
+    _repeated_blocks = ["DiTBlock"]  # model.compile_repeated_blocks() compiles these (regional compilation)
 
     @register_to_config
     def __init__(
@@ -447,6 +472,19 @@ class LEDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             return 1.0
         return math.sqrt(math.log(num_tokens) / math.log(train_tokens))
 
+    @torch.compiler.disable
+    def _eager_inputs(self, grid, device, dtype, position_mode, to_self):
+        """Cached lookups and this call's random draw, kept out of compiled graphs: the position table (or None),
+        the causal blocks' concrete attention backend and mask, and the locality conv's dilation."""
+        table = None
+        if self.config.position_encoding == "sincos":
+            table = self.position_table(grid[0], grid[1], position_mode or self.config.position_mode, device, dtype)
+        scan = None if to_self else self.config.causal_scan
+        backend = resolve_backend(self.attention_backend, scan, torch.device(device).type)
+        mask = attention_mask(scan, grid, device, backend) if any(b.causal for b in self.blocks) else None
+        dilation = self.locality_conv.sample_dilation() if self.locality_conv is not None else 1
+        return table, backend, mask, dilation
+
     def unpatchify(self, x, height: int, width: int):
         """(B, h*w, p*p*C) tokens -> (B, C, h*p, w*p) image, from an explicit token grid."""
         p, c = self.config.patch_size, self.config.out_channels
@@ -474,12 +512,14 @@ class LEDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         if hidden_states.shape[-2] % p or hidden_states.shape[-1] % p:
             raise ValueError(f"latent size {tuple(hidden_states.shape[-2:])} is not divisible by patch size {p}")
         grid = (hidden_states.shape[-2] // p, hidden_states.shape[-1] // p)
+        to_self = bool(opts.get("causal_to_self", False))
         x = self.x_embedder(hidden_states)  # (B, N, D)
-        if self.config.position_encoding == "sincos":
-            mode = opts.get("position_mode", self.config.position_mode)
-            x = x + self.position_table(grid[0], grid[1], mode, x.device, x.dtype)
+        table, backend, mask, dilation = self._eager_inputs(grid, x.device, x.dtype, opts.get("position_mode"),
+                                                            to_self)
+        if table is not None:
+            x = x + table
         if self.locality_conv is not None:
-            x = self.locality_conv(x, grid)
+            x = self.locality_conv(x, grid, dilation)
 
         # 2. Conditioning
         b = x.shape[0]
@@ -489,15 +529,17 @@ class LEDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         class_labels = torch.as_tensor(class_labels, device=x.device).reshape(-1).expand(b)
         c = self.t_embedder(timestep).to(x.dtype) + self.y_embedder(class_labels)  # (B, D)
 
-        # 3. Blocks
+        # 3. Blocks: causal ones get the cached mask, self-attention ones plain SDPA
         factor = self.logit_factor(grid[0] * grid[1], opts.get("scaling", self.config.attention_scaling))
-        to_self = bool(opts.get("causal_to_self", False))
+        self_backend = "math" if backend == "math" else "sdpa"
         for block in self.blocks:
-            scan = self.config.causal_scan if (block.causal and not to_self) else None
+            causal = block.causal and not to_self
+            args = (x, c, self.config.causal_scan, grid, factor, backend, mask) if causal else \
+                (x, c, None, grid, factor, self_backend, None)
             if torch.is_grad_enabled() and self.gradient_checkpointing:
-                x = self._gradient_checkpointing_func(block, x, c, scan, grid, factor, self.attention_backend)
+                x = self._gradient_checkpointing_func(block, *args)
             else:
-                x = block(x, c, scan, grid, factor, self.attention_backend)
+                x = block(*args)
 
         # 4. Output
         x = self.final_layer(x, c)  # (B, N, p*p*C)
