@@ -62,7 +62,7 @@ def make_step(arm, args, depth, hidden, heads, device, dtype):
         model.enable_gradient_checkpointing()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=device.type == "cuda")
     if args.compile:
-        compile_blocks(model)
+        compile_blocks(model, args.compile_mode)
     run = model
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(args.batch, 4, args.latent, args.latent, device=device, generator=g)
@@ -111,7 +111,8 @@ def cpu_peak_rss(arm: str, args) -> float:
     """Peak RSS (bytes) of a child process that builds `arm` and runs its warm-up steps, and nothing else."""
     cmd = [sys.executable, __file__, "--variant", args.variant, "--latent", str(args.latent), "--batch",
            str(args.batch), "--warmup", str(max(args.warmup, 1)), "--dtype", args.dtype, "--arms", arm,
-           "--steps", "0", "--rss-only"] + ["--compile"] * args.compile + ["--grad-ckpt"] * args.grad_ckpt
+           "--steps", "0", "--rss-only", "--compile-mode", args.compile_mode]
+    cmd += ["--compile"] * args.compile + ["--grad-ckpt"] * args.grad_ckpt
     proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return float(proc.stdout.strip().splitlines()[-1])
 
@@ -126,6 +127,7 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--compile", action="store_true", help="torch.compile every arm.")
+    parser.add_argument("--compile-mode", default="default", help="torch.compile mode with --compile.")
     parser.add_argument("--grad-ckpt", action="store_true", help="Gradient checkpointing in every arm.")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="Accelerator peak for MFU (default: 989 for bf16/fp16 on H100/H200, else none).")

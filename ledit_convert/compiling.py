@@ -10,6 +10,10 @@ from typing import List
 
 import torch
 
+# torch.compile modes offered; "reduce-overhead" (CUDA graphs) is left out: per-block graphs replayed inside an
+# autograd step with gradient accumulation overwrite each other's outputs.
+COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs")
+
 
 def repeated_blocks(model: torch.nn.Module) -> List[torch.nn.Module]:
     """The transformer blocks of a LEDiT (its `_repeated_blocks` classes) or of a diffusers DiT, found through
@@ -23,14 +27,17 @@ def repeated_blocks(model: torch.nn.Module) -> List[torch.nn.Module]:
     raise ValueError(f"{type(model).__name__} has no transformer blocks to compile")
 
 
-def compile_blocks(model: torch.nn.Module, mode: str = None, dynamic: bool = False) -> int:
+def compile_blocks(model: torch.nn.Module, mode: str = "default", dynamic: bool = False) -> int:
     """Compile each transformer block in place (`nn.Module.compile`); returns how many were compiled.
 
-    `dynamic=False` specialises on the token grid: one compile per resolution, the fastest kernels for each.
+    `mode` is one of COMPILE_MODES. `dynamic=False` specialises on the token grid: one compile per resolution,
+    the fastest kernels for each.
     """
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode {mode!r} is not one of {COMPILE_MODES}")
     blocks = repeated_blocks(model)
     for block in blocks:
-        block.compile(mode=mode, dynamic=dynamic)
+        block.compile(mode=None if mode == "default" else mode, dynamic=dynamic)
     return len(blocks)
 
 

@@ -166,7 +166,7 @@ def setup(model_dir: str, data, recipe: Recipe, output_dir: str, resume: Optiona
     ema.to(accelerator.device)
     prepared, optimizer = accelerator.prepare(model, optimizer)
     if recipe.compile:
-        compile_blocks(model)  # regional and lazy: failures surface at the first step (see _forward)
+        compile_blocks(model, recipe.compile_mode)  # regional and lazy: failures surface at the first step (see _forward)
     step_generator = torch.Generator(device=accelerator.device).manual_seed(recipe.seed * 1000 + accelerator.process_index)
     torch.manual_seed(recipe.seed * 1000 + accelerator.process_index)  # the dilation draw uses the global RNG
 

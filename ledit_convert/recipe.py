@@ -7,6 +7,7 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
+from .compiling import COMPILE_MODES
 from .errors import ConfigError
 
 
@@ -39,6 +40,7 @@ class Recipe:
     allow_tf32: bool = True  # DiT allows TF32
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the transformer blocks; falls back to eager with a warning if it fails
+    compile_mode: str = "default"  # torch.compile mode: default | max-autotune | max-autotune-no-cudagraphs
     attention_backend: str = "auto"  # auto (FlexAttention for 2D scans on CUDA) | sdpa | flex | math
     lora_rank: int = 0  # 0 trains every weight; >0 LoRA on attention/MLP linears, merged at export
     lora_alpha: Optional[float] = None  # default: equal to the rank
@@ -64,6 +66,8 @@ class Recipe:
             p.append(f"data_kind {self.data_kind!r} is not one of auto, images, hf, latents")
         if self.attention_backend not in ("auto", "sdpa", "flex", "math"):
             p.append(f"attention_backend {self.attention_backend!r} is not one of auto, sdpa, flex, math")
+        if self.compile_mode not in COMPILE_MODES:
+            p.append(f"compile_mode {self.compile_mode!r} is not one of {', '.join(COMPILE_MODES)}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             p.append(f"mixed_precision {self.mixed_precision!r} is not one of no, bf16, fp16")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -159,11 +163,10 @@ def load_recipe(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] 
                 clean[key] = _coerce(key, value, _HINTS[key])
             except ConfigError as e:
                 problems.append(str(e))
-    if not problems:
-        recipe = Recipe(**clean)
-        if recipe.vae is not None and recipe.vae.lower() == "none":
-            recipe.vae = None
-        problems = recipe.problems()
+    recipe = Recipe(**clean)  # the well-typed values, so that range problems are reported with the rest
+    if recipe.vae is not None and recipe.vae.lower() == "none":
+        recipe.vae = None
+    problems += recipe.problems()
     if problems:
         raise ConfigError(f"{where}: " + "; ".join(problems))
     return recipe

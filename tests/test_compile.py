@@ -97,6 +97,8 @@ def test_uncompile_and_diffusers_blocks():
     assert compile_blocks(tiny_dit()) == 2  # diffusers' DiTTransformer2DModel: its transformer_blocks
     with pytest.raises(ValueError, match="no transformer blocks"):
         compile_blocks(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="reduce-overhead"):
+        compile_blocks(tiny_ledit(), mode="reduce-overhead")
 
 
 def test_sample_command_with_compile(tmp_path, caplog):

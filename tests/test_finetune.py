@@ -193,11 +193,13 @@ def test_paper_recipe_values():
 
 def test_recipe_errors_are_reported_together(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("steps: -3\nlearning_rat: 0.1\nmixed_precision: fp8\n")
+    bad.write_text("steps: -3\nlearning_rat: 0.1\nmixed_precision: fp8\ncompile_mode: fast\nseed: x\n")
     with pytest.raises(ConfigError) as e:
         load_recipe(str(bad))
     msg = str(e.value)
-    assert "unknown key 'learning_rat'" in msg and "steps must be positive" not in msg or "unknown key" in msg
+    for part in ("unknown key 'learning_rat'", "steps must be positive", "mixed_precision 'fp8'",
+                 "compile_mode 'fast'", "seed: expected int", str(bad)):
+        assert part in msg, part
     with pytest.raises(ConfigError) as e:
         load_recipe(None, {"steps": -3, "mixed_precision": "fp8"})
     assert "steps must be positive" in str(e.value) and "mixed_precision 'fp8'" in str(e.value)

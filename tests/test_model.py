@@ -85,6 +85,22 @@ def test_ledit_mode_matches_reference(sd, scan, backend):
     assert rel_err(ours, ref) <= 1e-5
 
 
+def test_flex_backend_on_cpu_matches_reference(sd):
+    """FlexAttention (compiled, block mask) is the CUDA default for 2D scans; it runs on the CPU too."""
+    layout = ["self", "causal"] * 2
+    model = make(sd, position_encoding="none", attention_layout=layout, locality="full")
+    model.set_attention_backend("flex")
+    random_ledit_conv(model)
+    x, t, y = inputs(height=8, width=12)
+    with torch.no_grad():
+        ours = model(x, t, y).sample
+    conv = (model.locality_conv.conv.weight, model.locality_conv.conv.bias, 1)
+    factor = math.sqrt(math.log(24) / math.log(16))
+    ref = reference_forward(sd, CFG, x, t, y, pos="none", layout=layout, scan="mask_lower_right_corner", conv=conv,
+                            logit_factor=factor)
+    assert rel_err(ours, ref) <= 1e-5
+
+
 def test_zero_conv_is_an_exact_no_op(sd):
     with_conv = make(sd, position_encoding="none", locality="full", attention_layout=["self", "causal"] * 2)
     without = make(sd, position_encoding="none", locality="none", attention_layout=["self", "causal"] * 2)
