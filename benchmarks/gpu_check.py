@@ -1,15 +1,20 @@
 """Correctness of the GPU attention paths before any timing: every backend against the textbook formula.
 
     python benchmarks/gpu_check.py            # needs CUDA; prints one line per check and a JSON summary
+    python benchmarks/gpu_check.py --sync-only --device cpu   # the host-sync check's code path, without detection
 
 Checks, in float32 with TF32 off: FlexAttention (block masks) and SDPA (dense boolean mask, is_causal
 for the 1D scan) against the explicit softmax for every scan at 16x16 and non-square 24x40 grids;
 compiled blocks (inductor, FlexAttention inside the graph) against eager math, outputs and every
 gradient of a training step; our DiT mode against diffusers' DiTTransformer2DModel; the bf16 forward
-against fp32. Exits non-zero if any check fails.
+against fp32. Exits non-zero if any of these fails. Also reported, without failing the run: whether
+the fine-tune step (bf16, FlexAttention, fused AdamW, EMA) makes any host-device sync, under
+torch.cuda.set_sync_debug_mode("error").
 """
+import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -32,7 +37,62 @@ def random_model(**kw):
     return model.cuda().eval()
 
 
+def step_host_syncs(device: str) -> str:
+    """Run fine-tune steps of a tiny LEDiT on `device`; on CUDA with sync detection on. "" if none, else the
+    first sync's message."""
+    import numpy as np
+    from PIL import Image
+
+    from ledit_convert.finetune import setup, train_step
+    from ledit_convert.recipe import load_recipe
+    from ledit_convert.runstate import update_ema
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        LEDiTTransformer2DModel(sample_size=16, patch_size=2, in_channels=3, out_channels=6, hidden_size=64,
+                                num_layers=2, num_attention_heads=2, num_classes=2,
+                                attention_layout=["self", "causal"]).save_pretrained(tmp / "model")
+        for c in range(2):
+            (tmp / "images" / f"class{c}").mkdir(parents=True)
+            for i in range(8):
+                pixels = np.random.default_rng(8 * c + i).integers(0, 255, (16, 16, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp / "images" / f"class{c}" / f"{i}.png")
+        recipe = load_recipe(None, dict(resolution=16, vae="none", global_batch_size=4, num_workers=0, steps=10,
+                                        mixed_precision="bf16" if device == "cuda" else "no", trackers=[],
+                                        validate_every=0, log_every=100, checkpoint_every=100))
+        run = setup(str(tmp / "model"), str(tmp / "images"), recipe, str(tmp / "run"))
+        data = iter(run.loader)
+        batches = [next(data) for _ in range(4)]  # pinned on the host before detection starts
+
+        def step(batch):
+            train_step(run, batch)
+            update_ema(run.ema_trainable, run.trainable, recipe.ema_decay)
+        step(batches[0])  # warm-up: block masks built, kernels compiled
+        if device != "cuda":
+            for batch in batches[1:]:
+                step(batch)
+            return ""
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for batch in batches[1:]:
+                step(batch)
+        except RuntimeError as e:
+            return str(e).splitlines()[0]
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.synchronize()
+        return ""
+
+
 def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sync-only", action="store_true", help="Only the host-sync check of a fine-tune step.")
+    parser.add_argument("--device", default="cuda")
+    args = parser.parse_args()
+    if args.sync_only:
+        found = step_host_syncs(args.device)
+        print(json.dumps({"device": args.device, "host_sync": found or None}))
+        sys.exit(0)
     assert torch.cuda.is_available(), "no CUDA device"
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -109,6 +169,13 @@ def main():
         print(f"{'DiT mode vs diffusers DiTTransformer2DModel':48} rel err {err:.2e}")
     except ImportError as e:
         print(f"diffusers comparison skipped: {e}")
+    # no host-device sync inside a training step (reported, not gating the timings)
+    try:
+        found = step_host_syncs("cuda")
+    except Exception as e:  # the check itself failing is reported the same way
+        found = f"check failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    results["training_step_host_sync"] = found or None
+    print(f"{'host-device syncs in a fine-tune step':48} {found or 'none'}")
     print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "ok": bool(ok),
                       "checks": results}))
     sys.exit(0 if ok else 1)

@@ -122,6 +122,9 @@ def setup(model_dir: str, data, recipe: Recipe, output_dir: str, resume: Optiona
         log_with=trackers or None, project_config=ProjectConfiguration(project_dir=str(output_dir),
                                                                        logging_dir=str(output_dir / "logs")))
     micro_batch = recipe.per_process_batch(accelerator.num_processes)
+    if recipe.attention_backend == "flex" and accelerator.device.type != "cuda":
+        raise ConfigError(f"attention_backend 'flex' trains on CUDA only (FlexAttention has no backward on "
+                          f"{accelerator.device.type}); use auto or sdpa")
     if torch.cuda.is_available() and recipe.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

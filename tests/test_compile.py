@@ -89,6 +89,19 @@ def test_compiled_training_gradients_match_float64():
         assert rel_err(p.grad, q.grad) <= 1e-4, name
 
 
+def test_compiled_blocks_with_flex_attention_inside():
+    """The CUDA training path traces FlexAttention into each block's graph; on the CPU its forward runs too."""
+    base = tiny_ledit(layers=2)
+    x, t, y = inputs(8, 12)
+    ref_model = copy.deepcopy(base).double()
+    ref_model.set_attention_backend("math")
+    model = copy.deepcopy(base)
+    model.set_attention_backend("flex")
+    compile_blocks(model)
+    with torch.no_grad():
+        assert rel_err(model(x, t, y).sample, ref_model(x.double(), t, y).sample) <= 1e-5
+
+
 def test_uncompile_and_diffusers_blocks():
     model = tiny_ledit()
     assert compile_blocks(model) == 4 and is_compiled(model)

@@ -191,6 +191,14 @@ def test_paper_recipe_values():
                                                                                               0.9999, 0.1)
 
 
+def test_flex_training_on_cpu_is_refused_up_front(setup_dirs):
+    model, imgs, tmp = setup_dirs
+    with pytest.raises(ConfigError, match="FlexAttention has no backward on cpu"):
+        finetune(str(model), str(imgs), load_recipe(None, dict(BASE, steps=1, attention_backend="flex")),
+                 str(tmp / "run"))
+    assert not (tmp / "run" / "checkpoints").exists()
+
+
 def test_recipe_errors_are_reported_together(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("steps: -3\nlearning_rat: 0.1\nmixed_precision: fp8\ncompile_mode: fast\nseed: x\n")

@@ -1,0 +1,36 @@
+"""The benchmark scripts run end to end at a tiny size and report every field the README's table uses.
+
+Nothing here asserts a speed: figures come from full-size runs of the same scripts."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def last_json(args):
+    proc = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+
+
+def test_bench_train_reports_every_arm():
+    out = last_json([BENCH / "bench_train.py", "--variant", "S", "--latent", "8", "--batch", "2", "--steps", "1",
+                     "--warmup", "1"])
+    assert set(out["rows"]) == {"diffusers", "dit", "ledit"}
+    for row in out["rows"].values():
+        assert row["step_s"] > 0 and row["images_per_s"] > 0 and row["ratio_vs_diffusers"] > 0
+        assert row["peak_mem_gib"] > 0.1  # a child process's peak RSS on the CPU: torch alone is more
+    assert out["rows"]["diffusers"]["ratio_vs_diffusers"] == 1.0
+
+
+def test_bench_sampling_reports_the_target_ratios():
+    out = last_json([BENCH / "bench_sampling.py", "--hidden", "32", "--layers", "2", "--heads", "2", "--steps", "1",
+                     "--batch", "1", "--repeats", "1", "--sample-size", "8", "--device", "cpu"])
+    rows = {r["row"]: r for r in out["results"]}
+    for size in ("1x", "2x (1:2)", "4x"):
+        assert f"ours + LEDiT {size}" in rows and f"ours + stock DiT {size}" in rows
+    assert rows["ours + LEDiT 4x"]["tokens"] == 4 * rows["ours + LEDiT 1x"]["tokens"]
+    assert set(out["ratios"]) == {"ledit_4x_vs_stock_4x", "causal_vs_self_4x", "ledit_1x_vs_diffusers"}
+    assert all(v > 0 for v in out["ratios"].values())
