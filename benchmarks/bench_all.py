@@ -127,7 +127,7 @@ def main():
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     if "check" in results:
         checks = results["check"].get("checks", {})
-        worst = max((v for k, v in checks.items() if isinstance(v, float) and "bf16" not in k), default=None)
+        worst = max((v for k, v in checks.items() if isinstance(v, float) and "bf16" not in k), default=0.0)
         lines += ["", f"GPU check passed (worst fp32 relative error {worst:.1e}); host-device syncs in a fine-tune "
                       f"step: {checks.get('training_step_host_sync') or 'none'}."]
     failed = [f"{name}: {res['error']}" for name, res in results.items() if isinstance(res, dict) and "error" in res]
