@@ -9,7 +9,8 @@ Runs benchmarks/gpu_check.py (CUDA only: every attention path and the compiled b
 math; nothing is timed if it fails), then bench_train.py, bench_sampling.py and bench_surgery.py, each in a
 fresh child process with a time limit. A figure that fails or runs out of time at the full size is retried
 at the tiny size, so the run always finishes with something measured, and says which size each came from.
-Writes --out (JSON) and --markdown (the table the README shows), and prints the table.
+Writes --out (JSON, rewritten after each figure) and --markdown (the table the README shows), and prints
+the table. --budget bounds the whole run: figures that no longer fit are skipped and marked so.
 """
 import argparse
 import json
@@ -44,16 +45,16 @@ def run(script: str, args: list, timeout: float) -> dict:
     return result
 
 
-def measured(script: str, full: list, common: list, timeout: float, tiny: bool) -> dict:
+def measured(script: str, full: list, common: list, limit, tiny: bool) -> dict:
     """A figure at the full size (`full` + `common` arguments), else at the tiny size (TINY + `common`); `size`
-    records which."""
+    records which. `limit()` gives the seconds the next child may take."""
     if not tiny:
-        result = run(script, full + common, timeout)
+        result = run(script, full + common, limit())
         if "error" not in result:
             return {**result, "size": "full"}
         print(f"{script}: {result['error']}; retrying at the tiny size", flush=True)
     key = script.removeprefix("bench_").removesuffix(".py")
-    return {**run(script, TINY[key] + common, timeout), "size": "tiny"}
+    return {**run(script, TINY[key] + common, limit()), "size": "tiny"}
 
 
 def table(results: dict) -> list:
@@ -87,6 +88,8 @@ def main():
     parser.add_argument("--tiny", action="store_true", help="Small sizes only (a fallback that always finishes).")
     parser.add_argument("--batch", type=int, default=None, help="Training batch (default 32 on CUDA, 8 on CPU).")
     parser.add_argument("--timeout", type=float, default=900, help="Seconds allowed to each child benchmark.")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="Seconds for the whole run: figures that no longer fit are skipped and say so.")
     parser.add_argument("--out", default="bench_all.json")
     parser.add_argument("--markdown", default=None, help="Also write the table as markdown here.")
     args = parser.parse_args()
@@ -94,11 +97,22 @@ def main():
     started = time.time()
     results = {"machine": {"python": platform.python_version(), "processor": platform.processor() or platform.machine(),
                            "argv": sys.argv[1:]}}
+
+    def limit() -> float:
+        if args.budget is None:
+            return args.timeout
+        return max(0.0, min(args.timeout, started + args.budget - time.time()))
+
+    def record(name: str, figure) -> None:
+        """Measure one figure unless the budget is spent; the JSON is rewritten after each, so a killed run
+        keeps what it finished."""
+        results[name] = figure() if limit() >= 20 else {"error": "skipped: the --budget was spent", "size": None}
+        Path(args.out).write_text(json.dumps(results, indent=2))
+
     if gpu:
-        check = run("gpu_check.py", [], args.timeout)
-        results["check"] = check
+        record("check", lambda: run("gpu_check.py", [], limit()))
+        check = results["check"]
         if "error" in check or not check.get("ok"):
-            Path(args.out).write_text(json.dumps(results, indent=2))
             sys.exit(f"GPU correctness check failed, nothing timed: {check.get('error') or check.get('checks')}")
         batch = args.batch or 32
         train = ["--variant", "XL", "--batch", batch, "--dtype", "bf16", "--steps", "8", "--warmup", "3"]
@@ -108,13 +122,13 @@ def main():
         train = ["--variant", "S", "--batch", batch, "--steps", "6", "--warmup", "2"]
         sampling = []
     device = ["--device", args.device]
-    results["train"] = measured("bench_train.py", train, device, args.timeout, args.tiny)
+    record("train", lambda: measured("bench_train.py", train, device, limit, args.tiny))
     if args.compile:
-        results["train_compiled"] = measured("bench_train.py", train, device + ["--compile"], args.timeout, args.tiny)
-    results["sampling"] = measured("bench_sampling.py", sampling, device + ["--compile"] * args.compile,
-                                   args.timeout, args.tiny)
-    results["surgery"] = measured("bench_surgery.py", ["--variant", "XL", "--repeats", "2"], [], args.timeout,
-                                  args.tiny)
+        record("train_compiled", lambda: measured("bench_train.py", train, device + ["--compile"], limit, args.tiny))
+    record("sampling", lambda: measured("bench_sampling.py", sampling, device + ["--compile"] * args.compile, limit,
+                                        args.tiny))
+    record("surgery", lambda: measured("bench_surgery.py", ["--variant", "XL", "--repeats", "2"], [], limit,
+                                       args.tiny))
     results["seconds"] = round(time.time() - started, 1)
     Path(args.out).write_text(json.dumps(results, indent=2))
 
