@@ -15,15 +15,18 @@ Prints a table and one JSON line with the ratios the targets name; all measured 
 """
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DiTPipeline, DiTTransformer2DModel
 from diffusers.utils import logging as diffusers_logging
 
-from ledit_convert.compiling import compile_blocks
-from ledit_convert.model import LEDiTTransformer2DModel
-from ledit_convert.pipeline import LEDiTPipeline, default_scheduler
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ledit_convert.compiling import compile_blocks  # noqa: E402
+from ledit_convert.model import LEDiTTransformer2DModel  # noqa: E402
+from ledit_convert.pipeline import LEDiTPipeline, default_scheduler  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

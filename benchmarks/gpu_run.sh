@@ -16,7 +16,7 @@ left() { echo $((BUDGET - ($(date +%s) - start))); }
 if [ "$DEVICE" = cuda ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/machine.txt" 2>&1
   python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" >> "$OUT/machine.txt" 2>&1
-  timeout 90 python3 benchmarks/gpu_check.py > "$OUT/check.log" 2>&1
+  timeout 240 python3 benchmarks/gpu_check.py > "$OUT/check.log" 2>&1
   echo "gpu_check rc=$?" >> "$OUT/check.log"
   timeout 90 python3 benchmarks/bench_train.py --variant XL --device cuda --dtype bf16 --batch 32 --steps 8 \
       --warmup 3 > "$OUT/bench_train.log" 2>&1

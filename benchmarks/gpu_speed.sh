@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The speed figures on a GPU in one call: correctness first (gpu_check.py, inside bench_all.py), then every
 # figure at DiT-XL/2 in bf16, eager and compiled, then the compiled LEDiT at a larger batch for MFU.
-# Everything lands in $OUT. About 8 minutes on one H100/H200, most of it compiling.
+# Everything lands in $OUT. About 8 minutes on one H100/H200, most of it compiling. A GPU machine without
+# diffusers needs its wheels carried in .whl/ (pip download --no-deps -d .whl diffusers==0.42.1 importlib_metadata).
 #   OUT=/tmp/gpu-out bash benchmarks/gpu_speed.sh                      # on the GPU machine
 #   OUT=/tmp/gpu-dry DEVICE=cpu TINY=1 bash benchmarks/gpu_speed.sh    # a dry run of the script itself
 set -u
@@ -14,9 +15,9 @@ start=$(date +%s)
 left() { echo $((BUDGET - ($(date +%s) - start))); }
 # a GPU machine without diffusers: install the carried wheels beside the tree (no network there)
 if ! python3 -c "import diffusers" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+  python3 -m pip install -q --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
-export PYTHONPATH=${PYTHONPATH:-$PWD}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || lscpu | head -20
   python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
 } > "$OUT/machine.txt" 2>&1

@@ -192,7 +192,7 @@ def sample(
     no_png: bool = typer.Option(False, "--no-png", help="Skip the per-image PNGs."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty output folder."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the transformer blocks (one compile per "
-                                                          "resolution; pays off over many batches)."),
+                                                          "resolution and batch size; pays off over many batches)."),
 ):
     """Generate class-conditional images at any height and width."""
     from rich.progress import Progress

@@ -1,18 +1,22 @@
 """Regional torch.compile for LEDiT and diffusers DiT transformers, and the way back to eager.
 
 Only the repeated transformer blocks are compiled (PyTorch's "regional compilation"): every block shares one
-compiled graph per attention kind and token grid, so a 28-block DiT-XL/2 compiles about as fast as a 1-block
-one, and the model's eager prelude (patchify, cached attention masks, the random conv dilation) stays out of
-the graphs. Compilation is lazy: a missing C++ toolchain or an unsupported op surfaces at the first forward,
-where callers catch it and call `uncompile_blocks`.
+compiled graph per attention kind, token grid, batch size and grad mode, so a 28-block DiT-XL/2 compiles about
+as fast as a 1-block one, and the model's eager prelude (patchify, cached attention masks, the random conv
+dilation) stays out of the graphs. Compilation is lazy: a missing C++ toolchain or an unsupported op surfaces
+at the first forward (or, for the backward graph, the first backward), where callers catch it
+(`is_compile_error`) and call `uncompile_blocks`.
 """
 from typing import List
 
 import torch
 
-# torch.compile modes offered; "reduce-overhead" (CUDA graphs) is left out: per-block graphs replayed inside an
-# autograd step with gradient accumulation overwrite each other's outputs.
-COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs")
+# torch.compile modes offered. "reduce-overhead" and "max-autotune" both turn on CUDA graphs, which are left out:
+# per-block graphs replayed inside an autograd step with gradient accumulation overwrite each other's outputs.
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+# Compiled variants kept per block code object before dynamo gives up and runs it eagerly: every attention kind x
+# grid x batch size x grad mode is one, across all models in the process (dynamo's default is 8).
+RECOMPILE_LIMIT = 64
 
 
 def repeated_blocks(model: torch.nn.Module) -> List[torch.nn.Module]:
@@ -35,6 +39,8 @@ def compile_blocks(model: torch.nn.Module, mode: str = "default", dynamic: bool 
     """
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode {mode!r} is not one of {COMPILE_MODES}")
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
     blocks = repeated_blocks(model)
     for block in blocks:
         block.compile(mode=None if mode == "default" else mode, dynamic=dynamic)
@@ -50,3 +56,11 @@ def uncompile_blocks(model: torch.nn.Module) -> None:
 def is_compiled(model: torch.nn.Module) -> bool:
     """Whether any transformer block of `model` is compiled."""
     return any(getattr(b, "_compiled_call_impl", None) is not None for b in repeated_blocks(model))
+
+
+def is_compile_error(error: BaseException) -> bool:
+    """Whether an exception came from torch.compile itself (dynamo tracing, a backend, inductor code generation),
+    as opposed to the computation (out of memory, bad shapes), which must not be retried eagerly."""
+    from torch._dynamo.exc import TorchDynamoException
+    module = type(error).__module__ or ""
+    return isinstance(error, TorchDynamoException) or module.startswith(("torch._dynamo", "torch._inductor"))

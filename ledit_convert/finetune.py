@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .compiling import compile_blocks, uncompile_blocks
+from .compiling import compile_blocks, is_compile_error, uncompile_blocks
 from .diffusion import DiffusionSchedule
 from .errors import ConfigError, DataError
 from .export import provenance_record, write_model_folder
@@ -47,7 +47,7 @@ class Run:
     step: int = 0
     skipped_images: int = 0
     decoder: Optional[torch.nn.Module] = None  # the VAE validation decodes with when training on latents
-    compile_pending: bool = False  # blocks compiled, first forward not yet run (where compile errors surface)
+    compile_pending: bool = False  # blocks compiled, first step not yet run (where compile errors surface)
 
     @property
     def config(self):
@@ -169,7 +169,7 @@ def setup(model_dir: str, data, recipe: Recipe, output_dir: str, resume: Optiona
     ema.to(accelerator.device)
     prepared, optimizer = accelerator.prepare(model, optimizer)
     if recipe.compile:
-        compile_blocks(model, recipe.compile_mode)  # regional and lazy: failures surface at the first step (see _forward)
+        compile_blocks(model, recipe.compile_mode)  # regional and lazy: failures surface at the first step
     step_generator = torch.Generator(device=accelerator.device).manual_seed(recipe.seed * 1000 + accelerator.process_index)
     torch.manual_seed(recipe.seed * 1000 + accelerator.process_index)  # the dilation draw uses the global RNG
 
@@ -199,20 +199,6 @@ def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def _forward(run: "Run", x_t, t, labels):
-    """The model's forward; compiled blocks that fail on the first call are switched back to eager."""
-    if not run.compile_pending:
-        return run.model(x_t, t, labels).sample
-    run.compile_pending = False
-    try:
-        return run.model(x_t, t, labels).sample
-    except Exception as e:  # e.g. no C++ toolchain or an unsupported op: keep training, uncompiled
-        logger.warning("torch.compile failed (%s: %s); training continues in eager mode", type(e).__name__,
-                       str(e).splitlines()[0] if str(e) else "")
-        uncompile_blocks(run.model)
-        return run.model(x_t, t, labels).sample
-
-
 #################################################################################
 #                                     Train                                     #
 #################################################################################
@@ -229,7 +215,7 @@ def _encode(run: Run, x: torch.Tensor) -> torch.Tensor:
         return ((latent - shift) * run.vae.config.scaling_factor).float()
 
 
-def train_step(run: Run, batch) -> torch.Tensor:
+def _step(run: Run, batch) -> torch.Tensor:
     """One micro-batch of DiT's loss; returns the detached per-sample loss mean."""
     x, labels, skipped = batch
     device = run.accelerator.device
@@ -246,7 +232,7 @@ def train_step(run: Run, batch) -> torch.Tensor:
     x_t = run.schedule.q_sample(x0, t, noise)
     with run.accelerator.accumulate(run.model):
         with run.accelerator.autocast():
-            out = _forward(run, x_t, t, labels)
+            out = run.model(x_t, t, labels).sample
         learn_sigma = out.shape[1] == 2 * x0.shape[1]
         loss = run.schedule.training_losses(out, x0, x_t, t, noise, learn_sigma)["loss"].mean()
         run.accelerator.backward(loss)
@@ -255,6 +241,34 @@ def train_step(run: Run, batch) -> torch.Tensor:
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
     return loss.detach()
+
+
+def train_step(run: Run, batch) -> torch.Tensor:
+    """One micro-batch (`_step`). With compiled blocks, the first one is where compilation happens (forward and
+    backward graphs); if that fails, the blocks go back to eager and the micro-batch is redone from the same
+    random state, so the run continues exactly as an eager run would."""
+    if not run.compile_pending:
+        return _step(run, batch)
+    run.compile_pending = False
+    device = run.accelerator.device
+    saved = (torch.get_rng_state(), run.step_generator.get_state(), run.skipped_images, run.accelerator.step,
+             torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+    try:
+        return _step(run, batch)
+    except Exception as e:
+        if not is_compile_error(e):
+            raise
+        logger.warning("torch.compile failed (%s: %s); training continues in eager mode", type(e).__name__,
+                       str(e).splitlines()[0] if str(e) else "")
+    uncompile_blocks(run.model)
+    for param in run.trainable:  # a failed backward may have left partial gradients
+        param.grad = None
+    torch.set_rng_state(saved[0])
+    run.step_generator.set_state(saved[1])
+    run.skipped_images, run.accelerator.step = saved[2], saved[3]  # the latter counts accumulation micro-steps
+    if saved[4] is not None:
+        torch.cuda.set_rng_state(saved[4], device)
+    return _step(run, batch)
 
 
 def train(run: Run, progress: Optional[Callable[[Dict], None]] = None,

@@ -40,7 +40,7 @@ class Recipe:
     allow_tf32: bool = True  # DiT allows TF32
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the transformer blocks; falls back to eager with a warning if it fails
-    compile_mode: str = "default"  # torch.compile mode: default | max-autotune | max-autotune-no-cudagraphs
+    compile_mode: str = "default"  # torch.compile mode: default | max-autotune-no-cudagraphs (no CUDA graphs)
     attention_backend: str = "auto"  # auto (FlexAttention for 2D scans on CUDA) | sdpa | flex | math
     lora_rank: int = 0  # 0 trains every weight; >0 LoRA on attention/MLP linears, merged at export
     lora_alpha: Optional[float] = None  # default: equal to the rank

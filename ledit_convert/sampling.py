@@ -13,7 +13,7 @@ import torch
 from diffusers import AutoencoderKL, DiTTransformer2DModel
 from PIL import Image
 
-from .compiling import compile_blocks, uncompile_blocks
+from .compiling import compile_blocks, is_compile_error, uncompile_blocks
 from .errors import CheckpointError, ConfigError, OutputExistsError
 from .model import LEDiTTransformer2DModel
 from .pipeline import SCHEDULER_KINDS, LEDiTPipeline, default_scheduler
@@ -111,7 +111,7 @@ def load_pipeline(model_dir: str, vae: Optional[str] = None, scheduler: Optional
                   dtype: str = "fp32", compile: bool = False) -> LEDiTPipeline:
     """Load a model, pipeline or diffusers DiT folder into an LEDiTPipeline (no remote code; VAE kept in fp32).
 
-    `compile=True` compiles the transformer's blocks (regional torch.compile, one compile per resolution);
+    `compile=True` compiles the transformer's blocks (regional torch.compile, one compile per resolution and batch size);
     compilation happens at the first forward, so errors surface there (see `sample_images`)."""
     if dtype not in DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not one of {tuple(DTYPES)}")
@@ -225,6 +225,8 @@ def _batches(pipe: LEDiTPipeline, labels: List[int], seed: int, batch_size: int,
         try:
             first = next(batches)
         except Exception as e:  # e.g. no C++ toolchain for inductor on this machine
+            if not is_compile_error(e):
+                raise
             logger.warning("torch.compile failed (%s: %s); sampling continues in eager mode", type(e).__name__,
                            str(e).splitlines()[0] if str(e) else "")
             uncompile_blocks(pipe.transformer)

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+from torch._dynamo.exc import TorchDynamoException
 
 import ledit_convert.model as model_module
 from ledit_convert.compiling import compile_blocks, is_compiled, repeated_blocks, uncompile_blocks
@@ -140,7 +141,7 @@ def test_sampling_falls_back_to_eager_when_compile_fails(tmp_path, monkeypatch, 
     tiny_vae().save_pretrained(tmp_path / "vae")
 
     def broken(*args, **kwargs):
-        raise RuntimeError("no compiler here")
+        raise TorchDynamoException("no compiler here")
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: broken)
     with caplog.at_level("WARNING"):
         result = sample_images(str(tmp_path / "model"), vae=str(tmp_path / "vae"), num_samples=2, steps=1,
@@ -149,18 +150,24 @@ def test_sampling_falls_back_to_eager_when_compile_fails(tmp_path, monkeypatch, 
     assert "sampling continues in eager mode" in caplog.text
 
 
-def test_finetune_compiled_matches_eager(tmp_path, caplog):
-    """recipe compile=true: the same losses and weights as an eager run, dilated steps included."""
+def test_finetune_compiled_matches_eager(tmp_path, caplog, monkeypatch):
+    """recipe compile=true: the same losses and weights as an eager run, with dilated and plain steps mixed."""
     from safetensors.torch import load_file
 
     from ledit_convert.finetune import finetune
+    from ledit_convert.model import LocalityConv
     from ledit_convert.recipe import load_recipe
     from test_finetune import BASE, make_images, make_model
+    draws = []
+    sample = LocalityConv.sample_dilation
+    monkeypatch.setattr(LocalityConv, "sample_dilation", lambda self: draws.append(sample(self)) or draws[-1])
     model, imgs = make_model(tmp_path / "model", dilation_prob=0.5), make_images(tmp_path / "imgs")
     runs = {}
     for name, compile_ in (("eager", False), ("compiled", True)):
-        recipe = load_recipe(None, dict(BASE, steps=3, compile=compile_))
+        draws.clear()
+        recipe = load_recipe(None, dict(BASE, steps=5, seed=3, compile=compile_))
         runs[name] = finetune(str(model), str(imgs), recipe, str(tmp_path / name))
+        assert set(draws) == {1, 2}, draws  # both conv paths ran, in eager and in compiled training
     assert "eager mode" not in caplog.text
     assert runs["compiled"]["losses"] == pytest.approx(runs["eager"]["losses"], rel=1e-4)
     eager = load_file(tmp_path / "eager" / "model" / "diffusion_pytorch_model.safetensors")
