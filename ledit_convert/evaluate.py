@@ -241,18 +241,22 @@ def check_models(specs: Sequence[ModelSpec]) -> None:
             read_checkpoint(spec.path)
 
 
-def load_any_pipeline(path: str, vae: Optional[str], device: str, dtype: str, scheduler: str):
+def load_any_pipeline(path: str, vae: Optional[str], device: str, dtype: str, scheduler: str, compile: bool = False):
     """A model folder through sampling.load_pipeline; a single DiT checkpoint file in DiT mode."""
+    from .compiling import compile_blocks
     from .sampling import DTYPES, _check_device, load_pipeline
     if os.path.isdir(path):
-        return load_pipeline(path, vae=vae, scheduler=scheduler, device=device, dtype=dtype)
+        return load_pipeline(path, vae=vae, scheduler=scheduler, device=device, dtype=dtype, compile=compile)
     from .checkpoints import build_model, read_checkpoint
     from .finetune import load_vae
     from .pipeline import LEDiTPipeline, default_scheduler
     model = build_model(read_checkpoint(path)).to(DTYPES[dtype])
     autoencoder = load_vae(vae or "stabilityai/sd-vae-ft-ema", "cpu")
     pipe = LEDiTPipeline(transformer=model, vae=autoencoder, scheduler=default_scheduler(scheduler))
-    return pipe.to(_check_device(device))
+    pipe = pipe.to(_check_device(device))
+    if compile:
+        compile_blocks(pipe.transformer)
+    return pipe
 
 
 def pipeline_generator(settings: Dict, vae: Optional[str], progress: Optional[Callable[[int, int], None]] = None):
@@ -263,7 +267,8 @@ def pipeline_generator(settings: Dict, vae: Optional[str], progress: Optional[Ca
     def generate(spec: ModelSpec, res: Resolution) -> np.ndarray:
         if spec.path not in cache:
             cache.clear()  # one model in memory at a time
-            pipe = load_any_pipeline(spec.path, vae, settings["device"], settings["dtype"], settings["scheduler"])
+            pipe = load_any_pipeline(spec.path, vae, settings["device"], settings["dtype"], settings["scheduler"],
+                                     settings.get("compile", False))
             pipe.set_progress_bar_config(disable=True)
             cache[spec.path] = pipe
         pipe = cache[spec.path]

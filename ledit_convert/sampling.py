@@ -13,7 +13,7 @@ import torch
 from diffusers import AutoencoderKL, DiTTransformer2DModel
 from PIL import Image
 
-from .compiling import compile_blocks, is_compile_error, uncompile_blocks
+from .compiling import compile_blocks, is_compile_error, is_compiled, uncompile_blocks
 from .errors import CheckpointError, ConfigError, OutputExistsError
 from .model import LEDiTTransformer2DModel
 from .pipeline import SCHEDULER_KINDS, LEDiTPipeline, default_scheduler
@@ -168,11 +168,28 @@ def image_seed(seed: int, index: int) -> int:
 
 
 def iter_samples(pipe: LEDiTPipeline, labels: List[int], seed: int, batch_size: int, **call):
-    """Yield (start index, NHWC uint8 images, labels) batch by batch; image i always uses seed (seed, i)."""
+    """Yield (start index, NHWC uint8 images, labels) batch by batch; image i always uses seed (seed, i).
+
+    With compiled transformer blocks, the first batch is where compilation happens: if it fails, the blocks go
+    back to eager with a warning and the batch is redone (the per-image seeds make it the same batch)."""
     for start in range(0, len(labels), batch_size):
         batch_labels = labels[start:start + batch_size]
-        generators = [torch.Generator("cpu").manual_seed(image_seed(seed, start + i)) for i in range(len(batch_labels))]
-        yield start, to_uint8(pipe(batch_labels, generator=generators, output_type="pt", **call).images), batch_labels
+
+        def images():
+            generators = [torch.Generator("cpu").manual_seed(image_seed(seed, start + i))
+                          for i in range(len(batch_labels))]
+            return to_uint8(pipe(batch_labels, generator=generators, output_type="pt", **call).images)
+        if start == 0 and is_compiled(pipe.transformer):
+            try:
+                yield start, images(), batch_labels
+                continue
+            except Exception as e:  # e.g. no C++ toolchain for inductor on this machine
+                if not is_compile_error(e):
+                    raise
+                logger.warning("torch.compile failed (%s: %s); sampling continues in eager mode",
+                               type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                uncompile_blocks(pipe.transformer)
+        yield start, images(), batch_labels
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -216,24 +233,6 @@ class NpzWriter:
             pass
         if os.path.exists(self.tmp):
             os.remove(self.tmp)
-
-
-def _batches(pipe: LEDiTPipeline, labels: List[int], seed: int, batch_size: int, compiled: bool, **call):
-    """`iter_samples`, except that compiled blocks failing on the first batch are switched back to eager."""
-    batches = iter_samples(pipe, labels, seed, batch_size, **call)
-    if compiled:
-        try:
-            first = next(batches)
-        except Exception as e:  # e.g. no C++ toolchain for inductor on this machine
-            if not is_compile_error(e):
-                raise
-            logger.warning("torch.compile failed (%s: %s); sampling continues in eager mode", type(e).__name__,
-                           str(e).splitlines()[0] if str(e) else "")
-            uncompile_blocks(pipe.transformer)
-            batches = iter_samples(pipe, labels, seed, batch_size, **call)
-        else:
-            yield first
-    yield from batches
 
 
 def save_grid(images: List[np.ndarray], path: str, pad: int = 2) -> str:
@@ -331,7 +330,7 @@ def sample_images(
     writer = NpzWriter(npz_path, (num_samples, height, width, 3)) if npz else None
     grid: List[np.ndarray] = []
     try:
-        for start, images, batch_labels in _batches(pipe, labels, seed, batch_size, compile, **call):
+        for start, images, batch_labels in iter_samples(pipe, labels, seed, batch_size, **call):
             for i, (image, label) in enumerate(zip(images, batch_labels)):
                 if write_png:
                     path = os.path.join(output_dir, f"{start + i:06d}_class{label}.png")

@@ -58,3 +58,28 @@ def test_evaluate_command_end_to_end(tmp_path):
     assert got == {("ledit", "16"), ("ledit", "16x32"), ("dit", "16"), ("dit", "16x32")}
     assert all(np.isfinite(r["fid"]) and r["fid"] > 0 and r["precision"] is not None for r in data["rows"])
     assert (tmp_path / "eval" / "fid.png").exists() and "| ledit |" in (tmp_path / "eval" / "results.md").read_text()
+
+
+def test_evaluate_compiles_per_model_and_falls_back(tmp_path, monkeypatch, caplog):
+    """--compile reaches the sampler; a compile failure at a resolution's first batch goes on eagerly."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    from ledit_convert.evaluate import pipeline_generator
+    tiny_ledit().save_pretrained(tmp_path / "ledit")
+    tiny_vae().save_pretrained(tmp_path / "vae")
+    settings = dict(num_samples=3, steps=1, cfg_scale=1.5, guidance_channels=3, scheduler="ddim", seed=0,
+                    batch_size=2, device="cpu", dtype="fp32")
+    spec = parse_model_spec(f"ledit={tmp_path / 'ledit'}")
+    eager = pipeline_generator(settings, str(tmp_path / "vae"))(spec, (16, 32))
+    calls = []
+
+    def fake_compile(fn, **kwargs):
+        def compiled(*args, **kw):
+            calls.append(1)
+            raise TorchDynamoException("no compiler here")
+        return compiled
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    with caplog.at_level("WARNING"):
+        fallback = pipeline_generator(dict(settings, compile=True), str(tmp_path / "vae"))(spec, (16, 32))
+    assert calls and "sampling continues in eager mode" in caplog.text
+    assert np.array_equal(fallback, eager)
