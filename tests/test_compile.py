@@ -176,19 +176,18 @@ def test_finetune_compiled_matches_eager(tmp_path, caplog, monkeypatch):
         assert torch.allclose(compiled[key], eager[key], rtol=1e-4, atol=1e-6), key
 
 
-def test_a_machine_without_a_cpp_compiler_samples_eagerly(tmp_path, monkeypatch, caplog):
+def test_a_machine_without_a_cpp_compiler_samples_eagerly(tmp_path, caplog):
     """The real failure, not a stand-in: inductor finds no C++ compiler, sampling warns and goes on eagerly."""
     import numpy as np
     import torch._inductor.config as inductor_config
 
     from ledit_convert.sampling import sample_images
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/g++",))
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)  # a cached kernel would need no compiler
     tiny_ledit().save_pretrained(tmp_path / "model")
     tiny_vae().save_pretrained(tmp_path / "vae")
     common = dict(vae=str(tmp_path / "vae"), num_samples=2, steps=1, scheduler="ddim", write_grid=False,
                   write_png=False, npz=True)
-    with caplog.at_level("WARNING"):
+    no_compiler = {"cpp.cxx": ("/nonexistent/g++",), "fx_graph_cache": False}  # a cached kernel needs no compiler
+    with caplog.at_level("WARNING"), inductor_config.patch(no_compiler):
         compiled = sample_images(str(tmp_path / "model"), output_dir=str(tmp_path / "c"), compile=True, **common)
     assert "InductorError" in caplog.text and "sampling continues in eager mode" in caplog.text
     eager = sample_images(str(tmp_path / "model"), output_dir=str(tmp_path / "e"), **common)

@@ -69,9 +69,8 @@ def test_corner_scan_visible_count_formula():
         assert m[i].sum().item() == h * w - (h - 1 - r) * (w - 1 - c)
 
 
-@pytest.mark.parametrize("scan", CAUSAL_SCANS)
-@pytest.mark.parametrize("backend", ["sdpa", "math"])
-def test_ledit_mode_matches_reference(sd, scan, backend):
+def ledit_error_against_reference(sd, scan, backend):
+    """Relative error of a LEDiT (SA/CA layout, random conv) on a non-square grid against the float64 reference."""
     layout = ["self", "causal"] * 2
     model = make(sd, position_encoding="none", attention_layout=layout, causal_scan=scan, locality="full")
     model.set_attention_backend(backend)
@@ -82,23 +81,18 @@ def test_ledit_mode_matches_reference(sd, scan, backend):
     conv = (model.locality_conv.conv.weight, model.locality_conv.conv.bias, 1)
     factor = math.sqrt(math.log(24) / math.log(16))
     ref = reference_forward(sd, CFG, x, t, y, pos="none", layout=layout, scan=scan, conv=conv, logit_factor=factor)
-    assert rel_err(ours, ref) <= 1e-5
+    return rel_err(ours, ref)
+
+
+@pytest.mark.parametrize("scan", CAUSAL_SCANS)
+@pytest.mark.parametrize("backend", ["sdpa", "math"])
+def test_ledit_mode_matches_reference(sd, scan, backend):
+    assert ledit_error_against_reference(sd, scan, backend) <= 1e-5
 
 
 def test_flex_backend_on_cpu_matches_reference(sd):
     """FlexAttention (compiled, block mask) is the CUDA default for 2D scans; it runs on the CPU too."""
-    layout = ["self", "causal"] * 2
-    model = make(sd, position_encoding="none", attention_layout=layout, locality="full")
-    model.set_attention_backend("flex")
-    random_ledit_conv(model)
-    x, t, y = inputs(height=8, width=12)
-    with torch.no_grad():
-        ours = model(x, t, y).sample
-    conv = (model.locality_conv.conv.weight, model.locality_conv.conv.bias, 1)
-    factor = math.sqrt(math.log(24) / math.log(16))
-    ref = reference_forward(sd, CFG, x, t, y, pos="none", layout=layout, scan="mask_lower_right_corner", conv=conv,
-                            logit_factor=factor)
-    assert rel_err(ours, ref) <= 1e-5
+    assert ledit_error_against_reference(sd, "mask_lower_right_corner", "flex") <= 1e-5
 
 
 def test_zero_conv_is_an_exact_no_op(sd):
