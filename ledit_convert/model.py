@@ -129,33 +129,28 @@ def resolve_backend(backend: str, causal_scan: Optional[str], device_type: str) 
 
 def attention_mask(causal_scan: Optional[str], grid: tuple, device, backend: str):
     """What `attend` needs for a causal scan under a concrete backend, cached per (scan, grid, device): a
-    FlexAttention BlockMask ("flex"), a boolean matrix ("sdpa", 2D scans), or None (is_causal SDPA, "math")."""
-    if causal_scan is None or backend == "math" or (backend == "sdpa" and causal_scan == "one_dimension"):
+    FlexAttention BlockMask ("flex"), a boolean matrix ("sdpa" for 2D scans, "math"), or None (is_causal SDPA)."""
+    if causal_scan is None or (backend == "sdpa" and causal_scan == "one_dimension"):
         return None
     if backend == "flex":
         return _cached_block_mask(causal_scan, grid[0], grid[1], str(device))
     return _cached_dense_mask(causal_scan, grid[0], grid[1], str(device))
 
 
-def attend(q, k, v, causal_scan: Optional[str], grid: tuple, scale: float, backend: str = "auto", mask=None):
+def attend(q, k, v, causal_scan: Optional[str], scale: float, backend: str, mask):
     """Multi-head attention over image tokens; q, k, v are (B, heads, N, head_dim).
 
-    `mask` is `attention_mask(...)` for this scan and backend; the model looks it up outside compiled code and
-    passes it in, so a compiled block never rebuilds it. Left None, it is looked up here."""
-    height, width = grid
-    backend = resolve_backend(backend, causal_scan, q.device.type)
+    `backend` is concrete (`resolve_backend`) and `mask` is `attention_mask(...)` for this scan and backend; the
+    model looks both up outside compiled code, so a compiled block never rebuilds a mask."""
     if backend == "math":  # the textbook formula, for tests
         logits = (q @ k.transpose(-2, -1)) * scale
-        if causal_scan is not None:
-            visible = causal_visibility(causal_scan, height, width, device=q.device)
-            logits = logits.masked_fill(~visible, float("-inf"))
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf"))
         return logits.softmax(dim=-1) @ v
     if causal_scan is None:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     if causal_scan == "one_dimension" and backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    if mask is None:
-        mask = attention_mask(causal_scan, grid, q.device, backend)
     if backend == "flex":
         if torch.compiler.is_compiling():  # inside a compiled block: traced into its graph
             from torch.nn.attention.flex_attention import flex_attention
@@ -221,12 +216,12 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, causal_scan, grid, logit_factor: float, backend: str, mask=None):
+    def forward(self, x, causal_scan, logit_factor: float, backend: str, mask):
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, heads, N, head_dim)
         scale = logit_factor / math.sqrt(self.head_dim)
-        out = attend(q, k, v, causal_scan, grid, scale, backend, mask)
+        out = attend(q, k, v, causal_scan, scale, backend, mask)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -254,9 +249,9 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x, c, causal_scan, grid, logit_factor: float, backend: str, mask=None):
+    def forward(self, x, c, causal_scan, logit_factor: float, backend: str, mask):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        h = self.attn(modulate(self.norm1(x), shift_msa, scale_msa), causal_scan, grid, logit_factor, backend, mask)
+        h = self.attn(modulate(self.norm1(x), shift_msa, scale_msa), causal_scan, logit_factor, backend, mask)
         x = x + gate_msa.unsqueeze(1) * h
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
@@ -398,6 +393,7 @@ class LEDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             raise ValueError("invalid LEDiT config: " + "; ".join(problems))
         self.gradient_checkpointing = False
         self.attention_backend = "auto"
+        self.has_causal_blocks = "causal" in layout
         self._position_cache: Dict[Any, torch.Tensor] = {}
 
         self.x_embedder = PatchEmbed(in_channels, hidden_size, patch_size)
@@ -481,7 +477,7 @@ class LEDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             table = self.position_table(grid[0], grid[1], position_mode or self.config.position_mode, device, dtype)
         scan = None if to_self else self.config.causal_scan
         backend = resolve_backend(self.attention_backend, scan, torch.device(device).type)
-        mask = attention_mask(scan, grid, device, backend) if any(b.causal for b in self.blocks) else None
+        mask = attention_mask(scan, grid, device, backend) if self.has_causal_blocks else None
         dilation = self.locality_conv.sample_dilation() if self.locality_conv is not None else 1
         return table, backend, mask, dilation
 
@@ -531,11 +527,9 @@ class LEDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
         # 3. Blocks: causal ones get the cached mask, self-attention ones plain SDPA
         factor = self.logit_factor(grid[0] * grid[1], opts.get("scaling", self.config.attention_scaling))
-        self_backend = "math" if backend == "math" else "sdpa"
         for block in self.blocks:
-            causal = block.causal and not to_self
-            args = (x, c, self.config.causal_scan, grid, factor, backend, mask) if causal else \
-                (x, c, None, grid, factor, self_backend, None)
+            scan, block_mask = (self.config.causal_scan, mask) if block.causal and not to_self else (None, None)
+            args = (x, c, scan, factor, backend, block_mask)
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 x = self._gradient_checkpointing_func(block, *args)
             else:

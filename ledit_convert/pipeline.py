@@ -196,14 +196,16 @@ class LEDiTPipeline(DiffusionPipeline):
         if use_cfg:  # cond rows first, then the null class: one batched forward per step
             class_ids = torch.cat([class_ids, torch.full_like(class_ids, self.num_classes)])
 
-        # 3. Attention options, built once; causal_to_self is switched per step from a host copy of the schedule
+        # 3. Transformer kwargs, built once: plain steps, and steps below causal_to_self_below (check_inputs allows
+        # that only for LEDiT models), picked per step from a host copy of the schedule
         options: Dict[str, Any] = {}
         if self.takes_attention_kwargs:
             if attention_scaling is not None:
                 options["scaling"] = attention_scaling
             if position_mode is not None:
                 options["position_mode"] = position_mode
-        options_to_self = {**options, "causal_to_self": True}
+        plain_kwargs = {"attention_kwargs": options} if options else {}
+        to_self_kwargs = {"attention_kwargs": {**options, "causal_to_self": True}}
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         host_timesteps = timesteps.tolist()
@@ -214,12 +216,8 @@ class LEDiTPipeline(DiffusionPipeline):
             model_input = self.scheduler.scale_model_input(latents, t)
             model_input = torch.cat([model_input, model_input]) if use_cfg else model_input
             t_batch = t.reshape(1).expand(model_input.shape[0])
-            kwargs = {}
-            if self.takes_attention_kwargs:
-                below = causal_to_self_below is not None and host_timesteps[i] < causal_to_self_below
-                step_options = options_to_self if below else options
-                if step_options:
-                    kwargs["attention_kwargs"] = step_options
+            below = causal_to_self_below is not None and host_timesteps[i] < causal_to_self_below
+            kwargs = to_self_kwargs if below else plain_kwargs
             out = self.transformer(model_input.to(model_dtype), timestep=t_batch, class_labels=class_ids,
                                    return_dict=False, **kwargs)[0].float()
             if use_cfg:
