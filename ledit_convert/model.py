@@ -393,7 +393,6 @@ class LEDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             raise ValueError("invalid LEDiT config: " + "; ".join(problems))
         self.gradient_checkpointing = False
         self.attention_backend = "auto"
-        self.has_causal_blocks = "causal" in layout
         self._position_cache: Dict[Any, torch.Tensor] = {}
 
         self.x_embedder = PatchEmbed(in_channels, hidden_size, patch_size)
@@ -477,7 +476,7 @@ class LEDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             table = self.position_table(grid[0], grid[1], position_mode or self.config.position_mode, device, dtype)
         scan = None if to_self else self.config.causal_scan
         backend = resolve_backend(self.attention_backend, scan, torch.device(device).type)
-        mask = attention_mask(scan, grid, device, backend) if self.has_causal_blocks else None
+        mask = attention_mask(scan, grid, device, backend) if any(b.causal for b in self.blocks) else None
         dilation = self.locality_conv.sample_dilation() if self.locality_conv is not None else 1
         return table, backend, mask, dilation
 
