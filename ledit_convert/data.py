@@ -328,11 +328,11 @@ def open_training_data(path: Union[str, os.PathLike], resolution: int, num_class
                        kind: str = "auto"):
     """Open an image folder, saved HF dataset or latent cache, checked against the model's shape and classes."""
     path = os.fspath(path)
+    kind = detect_data_kind(path) if kind == "auto" else kind
     factor = vae_downsample * patch_size
-    if resolution <= 0 or resolution % factor:
+    if kind != "latents" and (resolution <= 0 or resolution % factor):  # a cache is checked by its own shape
         raise DataError(f"resolution {resolution} is not a positive multiple of {factor} "
                         f"(VAE downsampling {vae_downsample} x patch size {patch_size})")
-    kind = detect_data_kind(path) if kind == "auto" else kind
     if kind == "latents":
         from .latents import CachedLatentsDataset
 

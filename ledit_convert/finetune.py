@@ -37,7 +37,6 @@ class Run:
     ema_trainable: List[torch.Tensor]
     optimizer: torch.optim.Optimizer
     loader: torch.utils.data.DataLoader
-    sampler: ResumableSampler
     schedule: DiffusionSchedule
     vae: Optional[torch.nn.Module]  # encodes pixel batches; None for latents and pixel-space models
     step_generator: torch.Generator
@@ -71,18 +70,6 @@ def load_vae(vae: Optional[str], device):
         raise ConfigError(f"--vae {vae}: cannot load an AutoencoderKL ({type(e).__name__}: "
                           f"{str(e).splitlines()[0][:150] if str(e) else ''})") from None
     return model.to(device).eval().requires_grad_(False)
-
-
-def vae_downsample(vae: Optional[str]) -> int:
-    """Pixels per latent cell of a VAE, read from its config (1 without a VAE: pixel space)."""
-    if vae is None:
-        return 1
-    from diffusers import AutoencoderKL
-    try:
-        config = AutoencoderKL.load_config(vae)
-    except Exception as e:
-        raise ConfigError(f"--vae {vae}: cannot read an AutoencoderKL config ({type(e).__name__})") from None
-    return 2 ** (len(config["block_out_channels"]) - 1)
 
 
 def _apply_lora(model: LEDiTTransformer2DModel, recipe: Recipe):
@@ -129,23 +116,23 @@ def setup(model_dir: str, data, recipe: Recipe, output_dir: str, resume: Optiona
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    # data: validated before the first step, with a one-line reason on failure
-    from .data import detect_data_kind
-    latents_path = isinstance(data, (str, Path)) and recipe.data_kind in ("auto", "latents") and \
-        detect_data_kind(data) == "latents"
-    factor = 8 if latents_path else vae_downsample(recipe.vae)  # a cache is checked against its own shape below
+    # data: validated before the first step, with a one-line reason on failure (flips themselves come from
+    # SeededItems; a latent cache checks here that it has flip variants)
+    from .sampling import vae_scale_factor
     if isinstance(data, (str, Path)):
+        from .data import detect_data_kind
+        kind = detect_data_kind(data) if recipe.data_kind == "auto" else recipe.data_kind
+        factor = 1 if kind == "latents" else vae_scale_factor(recipe.vae, ConfigError)
         dataset = open_training_data(data, recipe.resolution, cfg.num_classes, patch_size=cfg.patch_size,
-                                     random_flip=False, class_map=recipe.class_map, image_column=recipe.image_column,
-                                     label_column=recipe.label_column, vae_downsample=factor,
-                                     kind=recipe.data_kind)
+                                     random_flip=recipe.random_flip, class_map=recipe.class_map,
+                                     image_column=recipe.image_column, label_column=recipe.label_column,
+                                     vae_downsample=factor, kind=kind)
     else:
         from .data import check_labels
         dataset = data
         check_labels(dataset.labels, cfg.num_classes, type(data).__name__)
+        factor = vae_scale_factor(recipe.vae, ConfigError)
     is_latents = hasattr(dataset, "posterior")
-    if is_latents and recipe.random_flip and not dataset.flip_variants:
-        raise DataError(f"{data}: the cache has no flip variants; rebuild it with flips or set random_flip=false")
     channels, side = (dataset.latent_shape[0], dataset.latent_shape[-1]) if is_latents else \
         (3 if recipe.vae is None else cfg.in_channels, recipe.resolution // factor)
     if side % cfg.patch_size or channels != cfg.in_channels:
@@ -173,16 +160,16 @@ def setup(model_dir: str, data, recipe: Recipe, output_dir: str, resume: Optiona
     step_generator = torch.Generator(device=accelerator.device).manual_seed(recipe.seed * 1000 + accelerator.process_index)
     torch.manual_seed(recipe.seed * 1000 + accelerator.process_index)  # the dilation draw uses the global RNG
 
-    run = Run(accelerator, recipe, prepared, model, ema, trainable, ema_trainable, optimizer, None, None,
+    run = Run(accelerator, recipe, prepared, model, ema, trainable, ema_trainable, optimizer, None,
               DiffusionSchedule(), vae, step_generator, output_dir, model_path, micro_batch,
               compile_pending=recipe.compile)
     consumed = 0
     if resume_from is not None:
         consumed = _load_checkpoint(run, resume_from)
-    run.sampler = ResumableSampler(len(dataset), recipe.seed, accelerator.process_index, accelerator.num_processes,
+    sampler = ResumableSampler(len(dataset), recipe.seed, accelerator.process_index, accelerator.num_processes,
                                    consumed)
     run.loader = torch.utils.data.DataLoader(
-        SeededItems(dataset, recipe.seed, recipe.random_flip), batch_size=micro_batch, sampler=run.sampler,
+        SeededItems(dataset, recipe.seed, recipe.random_flip), batch_size=micro_batch, sampler=sampler,
         num_workers=recipe.num_workers, pin_memory=accelerator.device.type == "cuda", drop_last=True,
         persistent_workers=recipe.num_workers > 0,
         generator=torch.Generator().manual_seed(recipe.seed))  # keeps worker seeding off the global RNG stream
@@ -225,7 +212,7 @@ def _step(run: Run, batch) -> torch.Tensor:
     x0 = _encode(run, x)
     b = x0.shape[0]
     g = run.step_generator
-    t = torch.randint(0, run.schedule.num_timesteps, (b,), generator=g, device=device)
+    t = run.schedule.sample_timesteps(b, device, g)
     noise = torch.randn(x0.shape, generator=g, device=device)
     drop = torch.rand(b, generator=g, device=device) < run.recipe.class_dropout
     labels = torch.where(drop, torch.full_like(labels, run.config.num_classes), labels)
@@ -233,7 +220,7 @@ def _step(run: Run, batch) -> torch.Tensor:
     with run.accelerator.accumulate(run.model):
         with run.accelerator.autocast():
             out = run.model(x_t, t, labels).sample
-        learn_sigma = out.shape[1] == 2 * x0.shape[1]
+        learn_sigma = run.config.out_channels == 2 * run.config.in_channels
         loss = run.schedule.training_losses(out, x0, x_t, t, noise, learn_sigma)["loss"].mean()
         run.accelerator.backward(loss)
         if run.accelerator.sync_gradients and run.recipe.max_grad_norm:
@@ -250,9 +237,7 @@ def train_step(run: Run, batch) -> torch.Tensor:
     if not run.compile_pending:
         return _step(run, batch)
     run.compile_pending = False
-    device = run.accelerator.device
-    saved = (torch.get_rng_state(), run.step_generator.get_state(), run.skipped_images, run.accelerator.step,
-             torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+    saved_rng, skipped, micro_step = rng_state(run.step_generator), run.skipped_images, run.accelerator.step
     try:
         return _step(run, batch)
     except Exception as e:
@@ -263,11 +248,8 @@ def train_step(run: Run, batch) -> torch.Tensor:
     uncompile_blocks(run.model)
     for param in run.trainable:  # a failed backward may have left partial gradients
         param.grad = None
-    torch.set_rng_state(saved[0])
-    run.step_generator.set_state(saved[1])
-    run.skipped_images, run.accelerator.step = saved[2], saved[3]  # the latter counts accumulation micro-steps
-    if saved[4] is not None:
-        torch.cuda.set_rng_state(saved[4], device)
+    set_rng_state(saved_rng, run.step_generator)
+    run.skipped_images, run.accelerator.step = skipped, micro_step  # the latter counts accumulation micro-steps
     return _step(run, batch)
 
 
@@ -400,7 +382,6 @@ def validation_grids(run: Run) -> List[Path]:
         for tracker in acc.trackers:
             if tracker.name == "tensorboard":
                 tracker.writer.add_image(f"validation/{scale}x", grid, run.step, dataformats="HWC")
-    run.ema.train(False)
     return saved
 
 

@@ -195,7 +195,6 @@ class CachedLatentsDataset(torch.utils.data.Dataset):
         except (ValueError, KeyError, TypeError) as e:
             raise DataError(f"{index_path}: not a valid latent cache index ({e})") from None
         self.classes = list(index.get("classes", []))
-        self.index = index
         if random_flip and not self.flip_variants:
             raise DataError(f"{self.folder}: cached without flip variants; rebuild with flips or use random_flip=False")
         self.random_flip = random_flip
@@ -234,11 +233,15 @@ class CachedLatentsDataset(torch.utils.data.Dataset):
         std = handle.get_slice("std" + suffix)[row:row + 1][0].float()
         return mean, std
 
+    def sample(self, index: int, flip: bool, generator: Optional[torch.Generator] = None) -> Sample:
+        """A posterior sample of item `index`, scaled as the model sees latents ((z - shift) x scaling_factor)."""
+        mean, std = self.posterior(index, flip)
+        latent = mean + std * torch.randn(mean.shape, generator=generator)
+        return Sample((latent - self.shift_factor) * self.scaling_factor, int(self.labels[index]), 0)
+
     def __getitem__(self, index: int) -> Sample:
         if not 0 <= index < len(self):
             raise IndexError(index)
         # global RNG for the flip and the sample: seeded runs (and seeded workers) reproduce exactly
         flip = self.random_flip and bool(torch.rand(()) < 0.5)
-        mean, std = self.posterior(index, flip)
-        latent = mean + std * torch.randn_like(mean)
-        return Sample((latent - self.shift_factor) * self.scaling_factor, int(self.labels[index]), 0)
+        return self.sample(index, flip)

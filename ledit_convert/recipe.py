@@ -9,6 +9,7 @@ import yaml
 
 from .compiling import COMPILE_MODES
 from .errors import ConfigError
+from .model import ATTENTION_BACKENDS
 
 
 @dataclass
@@ -64,8 +65,8 @@ class Recipe:
         p += [f"{k} must be positive, got {getattr(self, k)}" for k in positive if getattr(self, k) <= 0]
         if self.data_kind not in ("auto", "images", "hf", "latents"):
             p.append(f"data_kind {self.data_kind!r} is not one of auto, images, hf, latents")
-        if self.attention_backend not in ("auto", "sdpa", "flex", "math"):
-            p.append(f"attention_backend {self.attention_backend!r} is not one of auto, sdpa, flex, math")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            p.append(f"attention_backend {self.attention_backend!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
         if self.compile_mode not in COMPILE_MODES:
             p.append(f"compile_mode {self.compile_mode!r} is not one of {', '.join(COMPILE_MODES)}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
@@ -164,8 +165,6 @@ def load_recipe(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] 
             except ConfigError as e:
                 problems.append(str(e))
     recipe = Recipe(**clean)  # the well-typed values, so that range problems are reported with the rest
-    if recipe.vae is not None and recipe.vae.lower() == "none":
-        recipe.vae = None
     problems += recipe.problems()
     if problems:
         raise ConfigError(f"{where}: " + "; ".join(problems))

@@ -58,12 +58,7 @@ class SeededItems(torch.utils.data.Dataset):
         epoch, index = key
         g = torch.Generator().manual_seed(hash((self.seed, epoch, index)) & (2 ** 63 - 1))
         flip = self.random_flip and bool(torch.rand((), generator=g) < 0.5)
-        if not self.latents:
-            return self.dataset.load(index, flip)
-        mean, std = self.dataset.posterior(index, flip)
-        latent = mean + std * torch.randn(mean.shape, generator=g)
-        scaled = (latent - self.dataset.shift_factor) * self.dataset.scaling_factor
-        return Sample(scaled, int(self.dataset.labels[index]), 0)
+        return self.dataset.sample(index, flip, g) if self.latents else self.dataset.load(index, flip)
 
 
 #################################################################################

@@ -99,11 +99,15 @@ def _resolve_vae(vae: Optional[str], source: ModelSource) -> str:
     return DEFAULT_VAE
 
 
-def _vae_scale_factor(vae: str) -> int:
+def vae_scale_factor(vae: Optional[str], error: type = CheckpointError) -> int:
+    """Pixels per latent cell of a VAE (folder or hub id), from its config alone; 1 without one (pixel space).
+    An unreadable config raises `error`."""
+    if vae is None:
+        return 1
     try:
         config = AutoencoderKL.load_config(vae)
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read the VAE config of {vae}: {str(e).splitlines()[0]}") from None
+        raise error(f"cannot read the VAE config of {vae}: {str(e).splitlines()[0]}") from None
     return 2 ** (len(config["block_out_channels"]) - 1)
 
 
@@ -300,7 +304,7 @@ def sample_images(
         if not 0 <= label < num_classes:
             raise ConfigError(f"class label {label} is out of range: {model_dir} has {num_classes} classes (0..{num_classes - 1})")
     vae_path = _resolve_vae(vae, source)
-    multiple = _vae_scale_factor(vae_path) * source.config["patch_size"]
+    multiple = vae_scale_factor(vae_path) * source.config["patch_size"]
     default_size = source.config["sample_size"] * (multiple // source.config["patch_size"])
     height = default_size if height is None else height
     width = default_size if width is None else width
