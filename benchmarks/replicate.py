@@ -183,14 +183,14 @@ def train_arms(out: Path, cfg: dict, data, base: Path, device: str, deadline: fl
 def sample(model, res, n: int, steps: int, seed: int, device: str, position_mode=None) -> np.ndarray:
     """n class-balanced samples (uint8 NHWC), per-image seeds shared by every arm."""
     from ledit_convert.pipeline import LEDiTPipeline, default_scheduler
-    from ledit_convert.sampling import iter_samples, plan_labels
+    from ledit_convert.sampling import plan_labels, sample_array
     pipe = LEDiTPipeline(transformer=model, vae=None, scheduler=default_scheduler("ddpm"))
     pipe.set_progress_bar_config(disable=True)
     labels = plan_labels(n, None, MODEL["num_classes"])
     call = dict(height=res[0], width=res[1], num_inference_steps=steps, guidance_scale=1.5, guidance_channels=None,
                 position_mode=position_mode)
     batch = 500 if device == "cuda" else 50
-    return np.concatenate([imgs for _, imgs, _ in iter_samples(pipe, labels, seed, batch, **call)])
+    return sample_array(pipe, labels, seed, batch, **call)
 
 
 def upscale(images: np.ndarray, res) -> np.ndarray:

@@ -148,6 +148,15 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
+def list_images(root: str) -> List[str]:
+    """Image files under `root`, recursively, in sorted (reproducible) order; links followed."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        found += [os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f)]
+    return found
+
+
 class ImageFolderDataset(_ImageDataset):
     """ImageNet-layout folder (one subfolder per class) or a flat folder of one class, ADM-cropped."""
 
@@ -166,10 +175,7 @@ class ImageFolderDataset(_ImageDataset):
             self.classes, label_of = folders, self._label_ids(folders, class_map)
             files = []
             for name in folders:
-                found = []
-                for dirpath, dirnames, filenames in os.walk(os.path.join(self.root, name), followlinks=True):
-                    dirnames.sort()
-                    found += [os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f)]
+                found = list_images(os.path.join(self.root, name))
                 if not found:
                     logger.warning("class folder %s holds no images", os.path.join(self.root, name))
                 files += [(p, label_of[name]) for p in found]

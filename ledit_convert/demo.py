@@ -17,7 +17,7 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 BASE_CHECKPOINT = ASSETS / "shapes-dit-base.pt"
 SHIPPED_LEDIT = ASSETS / "shapes-ledit"
 HEADS = 4  # the shipped DiT is 128 wide, not a standard DiT width
-CLASSES = ["circle", "square", "triangle", "plus"]
+NUM_CLASSES = 4  # circle, square, triangle, plus: the shipped models' classes
 
 
 @dataclass
@@ -48,13 +48,13 @@ class DemoResult:
 
 def _sample(model, height: int, width: int, settings: DemoSettings, position_mode=None) -> np.ndarray:
     from .pipeline import LEDiTPipeline, default_scheduler
-    from .sampling import iter_samples
+    from .sampling import sample_array
     pipe = LEDiTPipeline(transformer=model.eval(), vae=None, scheduler=default_scheduler("ddpm"))
     pipe.set_progress_bar_config(disable=True)
-    labels = [c for c in range(len(CLASSES)) for _ in range(settings.per_class)]
+    labels = [c for c in range(NUM_CLASSES) for _ in range(settings.per_class)]
     call = dict(height=height, width=width, num_inference_steps=settings.sample_steps, guidance_scale=1.5,
                 guidance_channels=None, position_mode=position_mode)
-    return np.concatenate([im for _, im, _ in iter_samples(pipe, labels, settings.seed, len(labels), **call)])
+    return sample_array(pipe, labels, settings.seed, len(labels), **call)
 
 
 def _sheet(rows: List[Dict], path: Path, base: int) -> Path:
@@ -111,8 +111,8 @@ def run_demo(output_dir, settings: Optional[DemoSettings] = None,
 
     # 2. a short fine-tune on freshly rendered shapes
     t0 = time.perf_counter()
-    shapes = ShapesDataset(settings.images, 32, num_classes=len(CLASSES), seed=settings.seed)
-    data = ArrayImageDataset(np.stack([shapes.render(i) for i in range(len(shapes))]), shapes.labels)
+    shapes = ShapesDataset(settings.images, 32, num_classes=NUM_CLASSES, seed=settings.seed)
+    data = ArrayImageDataset(shapes.images(), shapes.labels)
     recipe = load_recipe(None, dict(resolution=32, vae="none", steps=settings.steps,
                                     global_batch_size=settings.batch_size, learning_rate=settings.learning_rate,
                                     ema_decay=0.9, max_grad_norm=1.0, num_workers=0, trackers=[],

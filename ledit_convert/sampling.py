@@ -13,6 +13,7 @@ import torch
 from diffusers import AutoencoderKL, DiTTransformer2DModel
 from PIL import Image
 
+from .checkpoints import DIFFUSERS_DIT_CLASSES  # facebook/DiT-XL-2-256 still says Transformer2DModel
 from .compiling import compile_blocks, is_compile_error, is_compiled, uncompile_blocks
 from .errors import CheckpointError, ConfigError, OutputExistsError
 from .model import LEDiTTransformer2DModel
@@ -22,7 +23,6 @@ logger = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"  # the VAE DiT was trained with
 GRID_MAX_IMAGES = 64  # a grid is a preview: 50K-sample runs must not build a gigapixel PNG
-DIT_CLASS_NAMES = ("DiTTransformer2DModel", "Transformer2DModel")  # facebook/DiT-XL-2-256 still says the latter
 
 
 @dataclass
@@ -81,7 +81,7 @@ def inspect_model_dir(model_dir: str) -> ModelSource:
     class_name = config.get("_class_name")
     if class_name == "LEDiTTransformer2DModel":
         kind = "ledit"
-    elif class_name in DIT_CLASS_NAMES and config.get("norm_type", "ada_norm_zero") == "ada_norm_zero":
+    elif class_name in DIFFUSERS_DIT_CLASSES and config.get("norm_type", "ada_norm_zero") == "ada_norm_zero":
         kind = "dit"
     else:
         raise CheckpointError(f"{config_path} describes a {class_name}, not a LEDiT or DiT transformer")
@@ -117,23 +117,16 @@ def load_pipeline(model_dir: str, vae: Optional[str] = None, scheduler: Optional
 
     `compile=True` compiles the transformer's blocks (regional torch.compile, one compile per resolution and batch size);
     compilation happens at the first forward, so errors surface there (see `sample_images`)."""
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype {dtype!r} is not one of {tuple(DTYPES)}")
+    torch_dtype = check_dtype(dtype)
     source = inspect_model_dir(model_dir)
     vae_path = _resolve_vae(vae, source)
     model_cls = LEDiTTransformer2DModel if source.kind == "ledit" else DiTTransformer2DModel
     try:
-        transformer = model_cls.from_pretrained(source.transformer_dir, torch_dtype=DTYPES[dtype])
+        transformer = model_cls.from_pretrained(source.transformer_dir, torch_dtype=torch_dtype)
     except (OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"cannot load the transformer in {source.transformer_dir}: {str(e).splitlines()[0]}") from None
-    try:
-        autoencoder = AutoencoderKL.from_pretrained(vae_path)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"cannot load the VAE {vae_path}: {str(e).splitlines()[0]}") from None
     if scheduler is not None:
-        if scheduler not in SCHEDULER_KINDS:
-            raise ConfigError(f"scheduler {scheduler!r} is not one of {SCHEDULER_KINDS}")
-        noise_scheduler = default_scheduler(scheduler)
+        noise_scheduler = make_scheduler(scheduler)
     elif source.pipeline_dir is not None and os.path.isdir(os.path.join(source.pipeline_dir, "scheduler")):
         import diffusers  # the saved scheduler's class is named in its config
 
@@ -142,9 +135,31 @@ def load_pipeline(model_dir: str, vae: Optional[str] = None, scheduler: Optional
         noise_scheduler = getattr(diffusers, class_name).from_pretrained(scheduler_dir)
     else:
         noise_scheduler = default_scheduler("ddpm")
-    # The VAE decodes once per image, so fp32 costs little and avoids fp16 overflow in SD VAEs.
-    pipe = LEDiTPipeline(transformer=transformer, vae=autoencoder, scheduler=noise_scheduler)
-    pipe = pipe.to(_check_device(device))
+    return assemble_pipeline(transformer, vae_path, noise_scheduler, device, compile)
+
+
+def check_dtype(dtype: str) -> torch.dtype:
+    """The torch dtype named fp32, bf16 or fp16."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not one of {tuple(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def make_scheduler(kind: str):
+    """DiT's schedule as a ddpm, ddim or dpm scheduler; an unknown kind is a ConfigError."""
+    if kind not in SCHEDULER_KINDS:
+        raise ConfigError(f"scheduler {kind!r} is not one of {SCHEDULER_KINDS}")
+    return default_scheduler(kind)
+
+
+def assemble_pipeline(transformer, vae_path: str, noise_scheduler, device: str, compile: bool) -> LEDiTPipeline:
+    """A loaded transformer with its VAE (read from `vae_path`, kept in fp32) and scheduler, on `device`, its blocks
+    compiled if asked. The VAE decodes once per image, so fp32 costs little and avoids fp16 overflow in SD VAEs."""
+    try:
+        autoencoder = AutoencoderKL.from_pretrained(vae_path)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"cannot load the VAE {vae_path}: {str(e).splitlines()[0]}") from None
+    pipe = LEDiTPipeline(transformer=transformer, vae=autoencoder, scheduler=noise_scheduler).to(_check_device(device))
     if compile:
         compile_blocks(pipe.transformer)
     return pipe
@@ -194,6 +209,27 @@ def iter_samples(pipe: LEDiTPipeline, labels: List[int], seed: int, batch_size: 
                                type(e).__name__, str(e).splitlines()[0] if str(e) else "")
                 uncompile_blocks(pipe.transformer)
         yield start, images(), batch_labels
+
+
+def sample_array(pipe: LEDiTPipeline, labels: List[int], seed: int, batch_size: int,
+                 progress: Optional[Callable[[int, int], None]] = None, **call) -> np.ndarray:
+    """Every sample of `iter_samples` as one NHWC uint8 array; `progress(done, total)` after each batch."""
+    out = []
+    for start, images, _ in iter_samples(pipe, labels, seed, batch_size, **call):
+        out.append(images)
+        if progress is not None:
+            progress(start + len(images), len(labels))
+    return np.concatenate(out)
+
+
+def check_call(pipe: LEDiTPipeline, labels: List[int], where: str = "", **call) -> None:
+    """Validate a pipeline call's options before any sampling; a bad one is a ConfigError (prefixed by `where`)."""
+    try:
+        pipe.check_inputs(labels[:1], call["height"], call["width"], call["num_inference_steps"],
+                          call.get("guidance_channels", 3), "pt", call.get("attention_scaling"),
+                          call.get("causal_to_self_below"), call.get("position_mode"))
+    except ValueError as e:
+        raise ConfigError(f"{where}{e}") from None
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -321,11 +357,7 @@ def sample_images(
     call = dict(height=height, width=width, num_inference_steps=steps, guidance_scale=cfg_scale,
                 guidance_channels=guidance_channels, attention_scaling=attention_scaling,
                 causal_to_self_below=causal_to_self_below, position_mode=position_mode)
-    try:
-        pipe.check_inputs(labels[:1], height, width, steps, guidance_channels, "pt", attention_scaling,
-                          causal_to_self_below, position_mode)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    check_call(pipe, labels, **call)
 
     # 3. Sample batch by batch, streaming to disk
     os.makedirs(output_dir, exist_ok=True)
