@@ -11,7 +11,7 @@ import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -180,19 +180,21 @@ def read_facebook(path: Path, weights: str = "ema", num_heads=None, image_size=N
 #                       diffusers DiTTransformer2DModel folders                 #
 #################################################################################
 
-def _read_weight_folder(folder: Path) -> Dict[str, torch.Tensor]:
-    """Tensors of a diffusers model folder (single file or sharded)."""
+def _read_weight_folder(folder: Path) -> Tuple[Dict[str, torch.Tensor], Optional[Path]]:
+    """Tensors of a diffusers model folder (single file or sharded), and the single file that holds them (None
+    when sharded), for the provenance hash."""
     index = folder / "diffusion_pytorch_model.safetensors.index.json"
     if index.exists():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         sd = {}
         for shard in shards:
             sd.update(load_safetensors(folder / shard))
-        return sd
+        return sd, None
     if (folder / WEIGHT_FILES[0]).exists():
-        return load_safetensors(folder / WEIGHT_FILES[0])
+        return load_safetensors(folder / WEIGHT_FILES[0]), folder / WEIGHT_FILES[0]
     if (folder / WEIGHT_FILES[1]).exists():
-        return _tensor_dict(torch_load_safely(folder / WEIGHT_FILES[1]), folder / WEIGHT_FILES[1])
+        return _tensor_dict(torch_load_safely(folder / WEIGHT_FILES[1]), folder / WEIGHT_FILES[1]), \
+            folder / WEIGHT_FILES[1]
     _fail(folder, f"no weights file ({' or '.join(WEIGHT_FILES)})")
 
 
@@ -260,7 +262,8 @@ def read_diffusers(folder: Path) -> SourceCheckpoint:
     heads, head_dim, depth = cfg.get("num_attention_heads", 16), cfg.get("attention_head_dim", 72), cfg.get("num_layers", 28)
     in_ch = cfg.get("in_channels", 4)
     out_ch = cfg.get("out_channels") or in_ch
-    sd = _diffusers_to_ours(_read_weight_folder(folder), depth, folder)
+    weights, weights_file = _read_weight_folder(folder)
+    sd = _diffusers_to_ours(weights, depth, folder)
     hidden = heads * head_dim
     config = dict(
         sample_size=cfg.get("sample_size", 32), patch_size=cfg["patch_size"], in_channels=in_ch, out_channels=out_ch,
@@ -270,19 +273,18 @@ def read_diffusers(folder: Path) -> SourceCheckpoint:
         locality="none", timestep_freq_shift=1, norm_eps=1e-6, mlp_norm_eps=cfg.get("norm_eps", 1e-5),
     )
     check_against_model(sd, config, folder)
-    weights = folder / WEIGHT_FILES[0] if (folder / WEIGHT_FILES[0]).exists() else None
     notes = ["diffusers numerics kept: timestep features divide by (half - 1), pre-MLP LayerNorm eps "
              f"{config['mlp_norm_eps']:g}, sin/cos table interpolated at new sizes"]
-    return SourceCheckpoint(folder, "diffusers", config, sd, weights_file=weights, notes=notes)
+    return SourceCheckpoint(folder, "diffusers", config, sd, weights_file=weights_file, notes=notes)
 
 
 def read_ledit(folder: Path) -> SourceCheckpoint:
     """A folder written by this tool (surgery or fine-tuning)."""
     cfg = _read_json(folder / "config.json")
     config = {k: v for k, v in cfg.items() if not k.startswith("_") and k != "auto_map"}
-    sd = _read_weight_folder(folder)
+    sd, weights_file = _read_weight_folder(folder)
     check_against_model(sd, config, folder)
-    return SourceCheckpoint(folder, "ledit", config, sd, weights_file=folder / WEIGHT_FILES[0])
+    return SourceCheckpoint(folder, "ledit", config, sd, weights_file=weights_file)
 
 
 #################################################################################

@@ -370,37 +370,33 @@ def cache_latents_cmd(
     from .data import ImageFolderDataset, HFImageDataset, detect_data_kind, load_class_map
     from .finetune import load_vae
     from .latents import cache_latents
-    from .errors import ConfigError, DataError
-    if dtype not in ("fp32", "bf16", "fp16"):
-        raise ConfigError(f"--dtype {dtype!r} is not one of fp32, bf16, fp16")
+    from .errors import DataError
+    from .sampling import check_dtype
+    torch_dtype = check_dtype(dtype)
     kind = detect_data_kind(data)
     if kind == "latents":
         raise DataError(f"{data}: already a latent cache")
     dataset = (HFImageDataset(data, resolution, random_flip=False) if kind == "hf" else
                ImageFolderDataset(data, resolution, load_class_map(class_map) if class_map else None,
                                   random_flip=False))
-    import torch
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     device = _device(device)
     model = load_vae(vae, "cpu")
     with Progress(console=console) as bar:
         task = bar.add_task("encoding", total=len(dataset))
         index = cache_latents(dataset, model, output, batch_size=batch_size, shard_size=shard_size,
-                              flip_variants=flips, device=device, dtype=dtypes[dtype],
+                              flip_variants=flips, device=device, dtype=torch_dtype,
                               progress=lambda done, total: bar.update(task, completed=done, total=total),
                               num_workers=num_workers, vae_id=vae, overwrite=overwrite)
     console.print(f"[green]wrote[/] {output}: {index['count']} latents in {len(index['shards'])} shard(s)"
                   + (f"; skipped {index['skipped']} unreadable image(s)" if index.get("skipped") else ""))
 
 
-def _cuda() -> bool:
-    import torch
-    return torch.cuda.is_available()
-
-
 def _device(device: str) -> str:
     """'auto' -> cuda when a GPU is visible, else cpu."""
-    return ("cuda" if _cuda() else "cpu") if device == "auto" else device
+    if device != "auto":
+        return device
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _guidance(text: str):

@@ -6,15 +6,16 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Union
 
 import torch
 
 from . import __version__
+from .checkpoints import WEIGHT_FILES
 from .errors import OutputExistsError
 from .model import LEDiTTransformer2DModel, add_remote_code
 
-WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+WEIGHTS_FILE = WEIGHT_FILES[0]
 
 
 def refuse_existing(out: Path, overwrite: bool) -> None:
@@ -61,7 +62,7 @@ def model_config_json(config: Dict) -> Dict:
 def save_weights(state_dict: Dict[str, torch.Tensor], path: Path) -> None:
     """safetensors file of contiguous tensors, in the order the model names them."""
     from safetensors.torch import save_file
-    tensors = {k: (v if v.is_contiguous() else v.contiguous()) for k, v in state_dict.items()}
+    tensors = {k: v.contiguous() for k, v in state_dict.items()}  # a no-op for tensors that already are
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 
@@ -90,9 +91,10 @@ def model_card(summary: Dict, changes: List[str]) -> str:
 
 
 def write_model_folder(out: Path, config: Dict, state_dict: Dict[str, torch.Tensor], *, overwrite: bool,
-                       provenance: Optional[Dict] = None, card: Optional[str] = None,
+                       provenance: Union[Dict, Callable[[], Dict], None] = None, card: Optional[str] = None,
                        extra_files: Optional[Dict[str, str]] = None) -> Path:
-    """Write config.json, weights, model code, provenance and card into `out`, atomically."""
+    """Write config.json, weights, model code, provenance and card into `out`, atomically. `provenance` may be a
+    function, called once the weights are written, so slow inputs to it (a source hash) can run alongside."""
     out = Path(out)
     config_json = model_config_json(config)
     with atomic_folder(out, overwrite) as tmp:
@@ -100,7 +102,7 @@ def write_model_folder(out: Path, config: Dict, state_dict: Dict[str, torch.Tens
         write_json_atomic(tmp / "config.json", config_json)
         add_remote_code(tmp)
         if provenance is not None:
-            write_json_atomic(tmp / "provenance.json", provenance)
+            write_json_atomic(tmp / "provenance.json", provenance() if callable(provenance) else provenance)
         if card is not None:
             (tmp / "README.md").write_text(card)
         for name, text in (extra_files or {}).items():

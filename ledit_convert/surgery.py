@@ -10,7 +10,7 @@ import torch
 
 from .checkpoints import SourceCheckpoint, check_against_model
 from .errors import ConfigError
-from .model import CAUSAL_SCANS, LOCALITY_KINDS
+from .model import ATTENTION_SCALINGS, CAUSAL_SCANS, LOCALITY_KINDS
 
 State = Tuple[Dict, Dict[str, torch.Tensor]]
 
@@ -61,8 +61,8 @@ def validate_options(opts: SurgeryOptions) -> None:
         problems.append(f"--dilation-prob {opts.dilation_prob} is not in [0, 1]")
     if not opts.dilation_rates or any(r < 1 for r in opts.dilation_rates):
         problems.append(f"--dilation-rates {opts.dilation_rates} must be positive integers")
-    if opts.attention_scaling not in ("log", "none"):
-        problems.append(f"--attention-scaling {opts.attention_scaling!r} is not 'log' or 'none'")
+    if opts.attention_scaling not in ATTENTION_SCALINGS:
+        problems.append(f"--attention-scaling {opts.attention_scaling!r} is not one of {', '.join(ATTENTION_SCALINGS)}")
     if problems:
         raise ConfigError("; ".join(problems))
 
@@ -104,8 +104,8 @@ def add_locality_conv(state: State, opts: SurgeryOptions) -> Tuple[State, str]:
 
 
 def convert(source: SourceCheckpoint, opts: SurgeryOptions) -> Tuple[Dict, Dict[str, torch.Tensor], List[str]]:
-    """Run every surgery step on a stock DiT; returns the LEDiT config, its tensors and what changed."""
-    validate_options(opts)
+    """Run every surgery step on a stock DiT (options already checked by `validate_options`); returns the LEDiT
+    config, its tensors and what changed."""
     if source.config.get("position_encoding") != "sincos" or source.config.get("locality", "none") != "none":
         raise ConfigError(f"{source.path}: already an LEDiT (no positional encoding or a locality conv); "
                           "surgery takes a stock DiT")
@@ -148,13 +148,16 @@ def surgery_to_folder(source: str, out, opts: SurgeryOptions, *, weights: str = 
     refuse_existing(out, overwrite)
     validate_options(opts)
     ckpt = read_checkpoint(source, weights=weights, num_heads=num_heads, image_size=image_size)
-    with ThreadPoolExecutor(max_workers=1) as pool:  # hashing overlaps the conversion and the write
+    config, sd, changes = convert(ckpt, opts)  # fast, and fails before any hashing on a bad source
+    summary = describe(ckpt)
+    with ThreadPoolExecutor(max_workers=1) as pool:  # the source hash runs alongside the weight write
         digest = pool.submit(sha256_of, ckpt.weights_file) if ckpt.weights_file else None
-        config, sd, changes = convert(ckpt, opts)
-        summary = describe(ckpt)
-        sha = digest.result() if digest else None
-        provenance = provenance_record(ckpt.path, sha, ckpt.format, dict(asdict(opts), weights=weights), changes)
-        provenance["source"]["summary"] = summary
+
+        def provenance():  # called by write_model_folder once the weights are on disk
+            record = provenance_record(ckpt.path, digest.result() if digest else None, ckpt.format,
+                                       dict(asdict(opts), weights=weights), changes)
+            record["source"]["summary"] = summary
+            return record
         write_model_folder(out, config, sd, overwrite=overwrite, provenance=provenance,
                            card=model_card(summary, changes))
-    return SurgeryResult(summary, changes, config, str(out), sha or "")
+    return SurgeryResult(summary, changes, config, str(out), digest.result() if digest else "")
