@@ -14,21 +14,20 @@ and the LEDiT with compiled blocks (ledit_convert.compiling; compile time is spe
 Prints a table and one JSON line with the ratios the targets name; all measured in this run, on this machine.
 """
 import argparse
+import copy
 import json
 import sys
 import time
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DiTPipeline, DiTTransformer2DModel
+from diffusers import AutoencoderKL, DiTPipeline
 from diffusers.utils import logging as diffusers_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_train import DTYPES, build, sync  # noqa: E402  (this folder is on sys.path)
 from ledit_convert.compiling import compile_blocks  # noqa: E402
-from ledit_convert.model import LEDiTTransformer2DModel  # noqa: E402
 from ledit_convert.pipeline import LEDiTPipeline, default_scheduler  # noqa: E402
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_args(argv=None):
@@ -55,11 +54,6 @@ def tiny_vae() -> AutoencoderKL:
                          down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_rows(fns, device, repeats: int):
     """Best wall time per row; rows are warmed up first (allocator, kernels, FlexAttention compile), then timed
     round-robin so a burst of load from elsewhere on the machine does not land on one row only."""
@@ -68,10 +62,10 @@ def time_rows(fns, device, repeats: int):
     best = [float("inf")] * len(fns)
     for _ in range(repeats):
         for i, fn in enumerate(fns):
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             fn(warmup=False)
-            _sync(device)
+            sync(device)
             best[i] = min(best[i], time.perf_counter() - start)
     return best
 
@@ -84,17 +78,10 @@ def main(argv=None):
     if args.threads:  # on a shared 2-core VM, 2 threads were up to 3x slower than 1 (OpenMP barriers)
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    head_dim = args.hidden // args.heads
-    dit = DiTTransformer2DModel(num_attention_heads=args.heads, attention_head_dim=head_dim, in_channels=4,
-                                out_channels=8, num_layers=args.layers, sample_size=args.sample_size, patch_size=2,
-                                num_embeds_ada_norm=1000).to(device, dtype).eval()
-    ledit = LEDiTTransformer2DModel(sample_size=args.sample_size, hidden_size=args.hidden, num_layers=args.layers,
-                                    num_attention_heads=args.heads, num_classes=1000,
-                                    attention_layout=["self", "causal"] * (args.layers // 2) + ["self"] * (args.layers % 2),
-                                    ).to(device, dtype).eval()
-    # the same weights as a stock DiT in our class (sin/cos extrapolated): the all-self-attention peer at 4x
-    stock = LEDiTTransformer2DModel(**{**ledit.config, "position_encoding": "sincos", "attention_scaling": "none",
-                                       "attention_layout": None, "locality": "none"}).to(device, dtype).eval()
+    # diffusers' DiT, our LEDiT, and a stock DiT in our class (sin/cos extrapolated, all self-attention: LEDiT's
+    # peer at every size), as the training benchmark builds them
+    dit, ledit, stock = (build(arm, args.layers, args.hidden, args.heads, args.sample_size).to(device, dtype).eval()
+                         for arm in ("diffusers", "ledit", "dit"))
     vae = tiny_vae().to(device, dtype).eval()
     labels = [i * 7 % 1000 for i in range(args.batch)]
     px = args.sample_size * 8
@@ -104,9 +91,7 @@ def main(argv=None):
     ours_stock = LEDiTPipeline(stock, vae, default_scheduler("ddim"))
     pipes = [theirs, ours_dit, ours, ours_stock]
     if args.compile:
-        fast_ledit, fast_stock = (LEDiTTransformer2DModel(**m.config).to(device, dtype).eval() for m in (ledit, stock))
-        fast_ledit.load_state_dict(ledit.state_dict())
-        fast_stock.load_state_dict(stock.state_dict())
+        fast_ledit, fast_stock = copy.deepcopy(ledit), copy.deepcopy(stock)
         compile_blocks(fast_ledit)
         compile_blocks(fast_stock)
         fast = LEDiTPipeline(fast_ledit, vae, default_scheduler("ddim"))

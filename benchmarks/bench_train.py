@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ledit_convert.compiling import compile_blocks  # noqa: E402
 from ledit_convert.model import LEDiTTransformer2DModel  # noqa: E402
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VARIANTS = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}
 
 
@@ -63,7 +64,6 @@ def make_step(arm, args, depth, hidden, heads, device, dtype):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=device.type == "cuda")
     if args.compile:
         compile_blocks(model, args.compile_mode)
-    run = model
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(args.batch, 4, args.latent, args.latent, device=device, generator=g)
     target = torch.randn(args.batch, 8, args.latent, args.latent, device=device, generator=g)
@@ -72,7 +72,7 @@ def make_step(arm, args, depth, hidden, heads, device, dtype):
 
     def step():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            out = run(x, timestep=t, class_labels=y).sample
+            out = model(x, timestep=t, class_labels=y).sample
         loss = F.mse_loss(out.float(), target)
         loss.backward()
         opt.step()
@@ -135,7 +135,7 @@ def main():
     parser.add_argument("--rss-only", action="store_true", help=argparse.SUPPRESS)  # the child of cpu_peak_rss
     args = parser.parse_args()
     device = torch.device(args.device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

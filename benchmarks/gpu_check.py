@@ -154,13 +154,11 @@ def main():
     try:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
         from factories import diffusers_dit
-        from ledit_convert.checkpoints import _diffusers_to_ours
+        from ledit_convert.checkpoints import build_model, read_checkpoint
         peer = diffusers_dit(seed=3, hidden=256, depth=4, heads=4, sample_size=32)
-        sd = _diffusers_to_ours(peer.state_dict(), 4, "peer")
-        cfg = dict(common, num_classes=10, position_encoding="sincos", position_mode="interpolate",
-                   attention_scaling="none", locality="none", timestep_freq_shift=1, mlp_norm_eps=1e-5)
-        ours = LEDiTTransformer2DModel(**cfg)
-        ours.load_state_dict(sd)
+        with tempfile.TemporaryDirectory() as tmp:  # through the reader users go through
+            peer.save_pretrained(tmp)
+            ours = build_model(read_checkpoint(tmp))
         ours, peer = ours.cuda().eval(), peer.cuda().eval()
         x = torch.randn(2, 4, 32, 32, device="cuda")
         t, y = torch.tensor([10, 900], device="cuda"), torch.tensor([1, 10], device="cuda")

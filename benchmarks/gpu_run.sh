@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU session: correctness on the GPU first, then the training-step speed figures, then
+# One prepared GPU session: correctness on the GPU first, then
 # the replication's evidence-scale run. Everything worth keeping lands in $OUT.
 #   OUT=/tmp/gpu-out bash benchmarks/gpu_run.sh                       # on the GPU machine
 #   OUT=/tmp/gpu-dry SCALE=smoke DEVICE=cpu bash benchmarks/gpu_run.sh  # a dry run of the script itself
@@ -18,9 +18,6 @@ if [ "$DEVICE" = cuda ]; then
   python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" >> "$OUT/machine.txt" 2>&1
   timeout 240 python3 benchmarks/gpu_check.py > "$OUT/check.log" 2>&1
   echo "gpu_check rc=$?" >> "$OUT/check.log"
-  timeout 90 python3 benchmarks/bench_train.py --variant XL --device cuda --dtype bf16 --batch 32 --steps 8 \
-      --warmup 3 > "$OUT/bench_train.log" 2>&1
-  echo "bench_train rc=$?" >> "$OUT/bench_train.log"
 fi
 INCEPTION=""
 if [ -f .gpu/inception_fp16.pt ]; then  # the FID network stored in fp16 to travel; run in fp32

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ledit_convert.data import ArrayImageDataset  # noqa: E402
-from ledit_convert.evaluate import markdown_table, plot_metric, reference_from_images  # noqa: E402
+from ledit_convert.evaluate import label, markdown_table, plot_metric, reference_from_images  # noqa: E402
 from ledit_convert.export import write_model_folder  # noqa: E402
 from ledit_convert.finetune import finetune  # noqa: E402
 from ledit_convert.model import LEDiTTransformer2DModel, sincos_position_table  # noqa: E402
@@ -66,10 +66,6 @@ SCRATCH_ARMS = {
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def res_label(res) -> str:
-    return str(res[0]) if res[0] == res[1] else f"{res[0]}x{res[1]}"
 
 
 #################################################################################
@@ -211,11 +207,9 @@ def models_to_evaluate(out: Path, cfg: dict, base: Path):
 
 
 def load_model(path: Path, device: str):
+    """A DiT checkpoint file or a LEDiT folder, in eval mode on `device`."""
     from ledit_convert.checkpoints import build_model, read_checkpoint
-    if path.is_dir():
-        model = LEDiTTransformer2DModel.from_pretrained(path)
-    else:
-        model = build_model(read_checkpoint(str(path), num_heads=MODEL["num_attention_heads"]))
+    model = build_model(read_checkpoint(str(path), num_heads=MODEL["num_attention_heads"]))
     model.set_attention_backend("sdpa")
     return model.to(device).eval()
 
@@ -232,7 +226,7 @@ def evaluate_all(out: Path, cfg: dict, base: Path, device: str, extractor, only=
             done[(r["arm"], r["seed"], r["resolution"])] = r
     refs, classifiers, grids = {}, {}, {}
     for res in RESOLUTIONS:
-        images, labels = render_set(out, f"ref_{res_label(res)}", cfg["ref_items"], res, 1000, MODEL["num_classes"])
+        images, labels = render_set(out, f"ref_{label(res)}", cfg["ref_items"], res, 1000, MODEL["num_classes"])
         refs[res] = reference_from_images(images, extractor)
         classifiers[res] = train_shape_classifier(res[0], res[1], MODEL["num_classes"], seed=0,
                                                   steps=cfg["classifier_steps"])
@@ -242,18 +236,21 @@ def evaluate_all(out: Path, cfg: dict, base: Path, device: str, extractor, only=
         arms = sorted((a for a in arms if a[0] in only), key=lambda a: only.index(a[0]))
     for arm, seed, path, mode in arms:
         model = load_model(path, device)
+        needed = {res: 8 if (arm, seed, label(res)) in done else cfg["samples"] for res in RESOLUTIONS}
+        if arm == "upscale":  # base-size samples once; per-image seeds make the first n of them any n-sample run
+            base_images = sample(model, RESOLUTIONS[0], max(needed.values()), cfg["sample_steps"], 0, device, mode)
         for res in RESOLUTIONS:
-            key = (arm, seed, res_label(res))
-            n = 8 if key in done else cfg["samples"]  # a scored row only needs its grid row again
+            key = (arm, seed, label(res))
+            n = needed[res]  # a scored row only needs its grid row again
             t0 = time.time()
             if arm == "upscale":
-                images = upscale(sample(model, RESOLUTIONS[0], n, cfg["sample_steps"], 0, device, mode), res)
+                images = upscale(base_images[:n], res)
             else:
                 images = sample(model, res, n, cfg["sample_steps"], 0, device, mode)
             grids.setdefault(res, []).append((f"{arm} s{seed}", images[:8]))
             if key in done:
                 continue
-            row = {"arm": arm, "seed": seed, "resolution": res_label(res), "height": res[0], "width": res[1],
+            row = {"arm": arm, "seed": seed, "resolution": label(res), "height": res[0], "width": res[1],
                    "samples": len(images), "sample_seconds": time.time() - t0}
             row.update(score(images, refs[res], extractor))
             stats = object_stats(images)
@@ -262,7 +259,7 @@ def evaluate_all(out: Path, cfg: dict, base: Path, device: str, extractor, only=
             with open(rows_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
             done[key] = row
-            log(f"{arm} s{seed} @ {res_label(res)}: FID {row['fid']:.1f} single-object {row['single_object_rate']:.2f} "
+            log(f"{arm} s{seed} @ {label(res)}: FID {row['fid']:.1f} single-object {row['single_object_rate']:.2f} "
                 f"shape acc {row['shape_accuracy']:.2f}")
     save_grids(out, grids)
     return list(done.values())
@@ -278,8 +275,8 @@ def save_grids(out: Path, grids: dict) -> None:
         for r, (_, imgs) in enumerate(rows):
             for c, im in enumerate(imgs[:8]):
                 canvas[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = im
-        Image.fromarray(canvas).save(out / f"grid_{res_label(res)}.png")
-        (out / f"grid_{res_label(res)}.txt").write_text("\n".join(name for name, _ in rows) + "\n")
+        Image.fromarray(canvas).save(out / f"grid_{label(res)}.png")
+        (out / f"grid_{label(res)}.txt").write_text("\n".join(name for name, _ in rows) + "\n")
 
 
 #################################################################################

@@ -92,4 +92,6 @@ def inputs(batch=2, channels=4, height=8, width=8, classes=10, seed=1):
     return x, t, y
 
 
-__all__ = ["CFG_TINY", "facebook_state_dict", "facebook_train_checkpoint", "diffusers_dit", "inputs"]
+def rel_err(a, b):
+    """Relative error of `a` against the reference `b`, in float64."""
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()

@@ -5,14 +5,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from factories import CFG_TINY, diffusers_dit, facebook_state_dict, facebook_train_checkpoint, inputs
+from factories import CFG_TINY, diffusers_dit, facebook_state_dict, facebook_train_checkpoint, inputs, rel_err
 from ledit_convert.checkpoints import build_model, read_checkpoint
 from ledit_convert.errors import CheckpointError
 from reference import reference_forward
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def test_facebook_state_dict_reproduces_float64_reference(tmp_path):

@@ -1,7 +1,5 @@
 """Compiled paths: regional torch.compile of the blocks, in training, sampling and the CLI."""
 import copy
-import os
-import sys
 
 import pytest
 import torch
@@ -11,17 +9,8 @@ import ledit_convert.model as model_module
 from ledit_convert.compiling import compile_blocks, is_compiled, repeated_blocks, uncompile_blocks
 from ledit_convert.model import CAUSAL_SCANS
 
-sys.path.insert(0, os.path.dirname(__file__))
-from _tiny import tiny_dit, tiny_ledit, tiny_vae  # noqa: E402
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def inputs(height=8, width=8, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(2, 4, height, width, generator=gen), torch.tensor([3, 900]), torch.tensor([1, 10])
+from _tiny import tiny_dit, tiny_ledit, tiny_vae
+from factories import inputs, rel_err
 
 
 @pytest.fixture(autouse=True)
@@ -46,7 +35,7 @@ def test_blocks_trace_as_one_graph_each(scan, backend):
     for block in repeated_blocks(compiled):  # the cheap "eager" backend: tracing is what is tested here
         block._compiled_call_impl = torch.compile(block._call_impl, backend="eager", fullgraph=True)
     for height, width, kwargs in ((8, 8, {}), (12, 8, {}), (12, 8, {"attention_kwargs": {"causal_to_self": True}})):
-        x, t, y = inputs(height, width)
+        x, t, y = inputs(height=height, width=width)
         for train in (False, True):
             eager.train(train), compiled.train(train)
             torch.manual_seed(1)  # the same dilation draw in both
@@ -61,7 +50,7 @@ def test_compiled_blocks_do_not_rebuild_masks(monkeypatch):
     compile_blocks(model)
     for block in repeated_blocks(model):
         block._compiled_call_impl = torch.compile(block._call_impl, backend="eager", fullgraph=True)
-    x, t, y = inputs(10, 14)
+    x, t, y = inputs(height=10, width=14)
     with torch.no_grad():
         first = model(x, t, y).sample  # builds and caches the mask for this grid
 
@@ -75,7 +64,7 @@ def test_compiled_blocks_do_not_rebuild_masks(monkeypatch):
 def test_compiled_training_gradients_match_float64():
     """Inductor-compiled blocks: outputs and every gradient against an eager float64 run (math attention)."""
     base = tiny_ledit(layers=2, locality_dilation_prob=0.0).train()
-    x, t, y = inputs(8, 12)
+    x, t, y = inputs(height=8, width=12)
     ref_model = copy.deepcopy(base).double()
     ref_model.set_attention_backend("math")
     ref = ref_model(x.double(), t, y).sample
@@ -93,7 +82,7 @@ def test_compiled_training_gradients_match_float64():
 def test_compiled_blocks_with_flex_attention_inside():
     """The CUDA training path traces FlexAttention into each block's graph; on the CPU its forward runs too."""
     base = tiny_ledit(layers=2)
-    x, t, y = inputs(8, 12)
+    x, t, y = inputs(height=8, width=12)
     ref_model = copy.deepcopy(base).double()
     ref_model.set_attention_backend("math")
     model = copy.deepcopy(base)

@@ -4,16 +4,12 @@ import math
 import pytest
 import torch
 
-from factories import facebook_state_dict, inputs, random_ledit_conv
+from factories import facebook_state_dict, inputs, random_ledit_conv, rel_err
 from ledit_convert.model import CAUSAL_SCANS, LEDiTTransformer2DModel, causal_visibility
 from reference import reference_forward, sincos_table_np, visible
 
 CFG = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=8, hidden_size=64, num_layers=4,
            num_attention_heads=4, num_classes=10)
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def make(sd, **overrides):

@@ -16,8 +16,7 @@ from ledit_convert.model import LEDiTTransformer2DModel
 from ledit_convert.pipeline import LEDiTPipeline, default_scheduler, save_pipeline
 from ledit_convert.sampling import image_seed, load_pipeline, plan_labels, sample_images
 
-sys.path.insert(0, os.path.dirname(__file__))
-from _tiny import NUM_CLASSES, tiny_dit, tiny_ledit, tiny_vae  # noqa: E402
+from _tiny import NUM_CLASSES, tiny_dit, tiny_ledit, tiny_vae
 
 TRAIN_PX = 32  # sample_size 8 x vae_scale_factor 4
 
