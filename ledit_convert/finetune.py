@@ -16,6 +16,7 @@ from .errors import ConfigError, DataError
 from .export import provenance_record, write_model_folder
 from .model import LEDiTTransformer2DModel
 from .recipe import Recipe, save_recipe
+from .trainstep import diffusion_loss, ema_decay, learning_rate
 from .runstate import (ResumableSampler, SeededItems, finish_checkpoint, partial_dir, read_state, resolve_resume,
                        rng_state, set_rng_state, update_ema, write_state)
 
@@ -210,18 +211,10 @@ def _step(run: Run, batch) -> torch.Tensor:
     labels = labels.to(device, non_blocking=True)
     run.skipped_images += int(skipped.sum())  # counted on the CPU batch: no device sync
     x0 = _encode(run, x)
-    b = x0.shape[0]
-    g = run.step_generator
-    t = run.schedule.sample_timesteps(b, device, g)
-    noise = torch.randn(x0.shape, generator=g, device=device)
-    drop = torch.rand(b, generator=g, device=device) < run.recipe.class_dropout
-    labels = torch.where(drop, torch.full_like(labels, run.config.num_classes), labels)
-    x_t = run.schedule.q_sample(x0, t, noise)
     with run.accelerator.accumulate(run.model):
-        with run.accelerator.autocast():
-            out = run.model(x_t, t, labels).sample
         learn_sigma = run.config.out_channels == 2 * run.config.in_channels
-        loss = run.schedule.training_losses(out, x0, x_t, t, noise, learn_sigma)["loss"].mean()
+        loss = diffusion_loss(run.model, run.schedule, x0, labels, run.step_generator, run.recipe.class_dropout,
+                              run.config.num_classes, learn_sigma, run.accelerator.autocast)
         run.accelerator.backward(loss)
         if run.accelerator.sync_gradients and run.recipe.max_grad_norm:
             run.accelerator.clip_grad_norm_(run.trainable, run.recipe.max_grad_norm)
@@ -263,10 +256,14 @@ def train(run: Run, progress: Optional[Callable[[Dict], None]] = None,
     t0, images_at_t0 = time.perf_counter(), run.step
     data = iter(run.loader)
     while run.step < recipe.steps:
+        lr = learning_rate(run.step, recipe.learning_rate, recipe.lr_warmup_steps)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
         for _ in range(recipe.gradient_accumulation_steps):
             loss_sum += train_step(run, next(data))
             loss_count += 1
-        update_ema(run.ema_trainable, run.trainable, recipe.ema_decay)
+        update_ema(run.ema_trainable, run.trainable, ema_decay(run.step, recipe.global_batch_size, recipe.ema_decay,
+                                                                recipe.ema_half_life_images, recipe.ema_rampup_ratio))
         run.step += 1
         if run.step % recipe.log_every == 0 or run.step == recipe.steps:
             mean_loss = acc.reduce(loss_sum / loss_count, reduction="mean").item()  # the only sync: every N steps
@@ -275,10 +272,10 @@ def train(run: Run, progress: Optional[Callable[[Dict], None]] = None,
             elapsed = time.perf_counter() - t0
             ips = (run.step - images_at_t0) * recipe.global_batch_size / max(elapsed, 1e-9)
             losses.append(mean_loss)
-            acc.log({"loss": mean_loss, "lr": recipe.learning_rate, "images_per_s": ips,
+            acc.log({"loss": mean_loss, "lr": lr, "images_per_s": ips,
                      "skipped_images": run.skipped_images}, step=run.step)
             if progress is not None and acc.is_main_process:
-                progress({"step": run.step, "loss": mean_loss, "lr": recipe.learning_rate, "images_per_s": ips})
+                progress({"step": run.step, "loss": mean_loss, "lr": lr, "images_per_s": ips})
         if run.step % recipe.checkpoint_every == 0 or run.step == recipe.steps:
             save_checkpoint(run)
         if validate is not None and recipe.validate_every and run.step % recipe.validate_every == 0:

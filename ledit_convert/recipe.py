@@ -36,6 +36,11 @@ class Recipe:
     adam_eps: float = 1e-8
     max_grad_norm: Optional[float] = None  # DiT does not clip
     ema_decay: float = 0.9999  # DiT: fixed decay, EMA starts as a copy of the weights
+    # EDM's EMA: a half-life in images replaces ema_decay (decay = 0.5 ** (batch / half-life)); with a ramp-up the
+    # half-life is at most ramp x images seen, so a short run does not keep the surgery-time weights in its EMA
+    ema_half_life_images: Optional[float] = None
+    ema_rampup_ratio: Optional[float] = None  # EDM: 0.05
+    lr_warmup_steps: int = 0  # linear LR warm-up; DiT has none
     class_dropout: float = 0.1  # DiT: labels dropped to the null class for CFG
     mixed_precision: str = "no"  # no | bf16 | fp16
     allow_tf32: bool = True  # DiT allows TF32
@@ -75,6 +80,14 @@ class Recipe:
             p.append(f"ema_decay {self.ema_decay} is not in [0, 1)")
         if not 0.0 <= self.class_dropout < 1.0:
             p.append(f"class_dropout {self.class_dropout} is not in [0, 1)")
+        if self.ema_half_life_images is not None and self.ema_half_life_images <= 0:
+            p.append(f"ema_half_life_images {self.ema_half_life_images} must be positive")
+        if self.ema_rampup_ratio is not None and not 0.0 < self.ema_rampup_ratio <= 1.0:
+            p.append(f"ema_rampup_ratio {self.ema_rampup_ratio} is not in (0, 1]")
+        if self.ema_rampup_ratio is not None and self.ema_half_life_images is None:
+            p.append("ema_rampup_ratio needs ema_half_life_images")
+        if self.lr_warmup_steps < 0:
+            p.append(f"lr_warmup_steps {self.lr_warmup_steps} must be >= 0")
         if self.learning_rate <= 0:
             p.append(f"learning_rate {self.learning_rate} must be positive")
         if self.lora_rank < 0:
