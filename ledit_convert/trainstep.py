@@ -12,10 +12,11 @@ from .diffusion import DiffusionSchedule
 
 def diffusion_loss(model, schedule: DiffusionSchedule, x0: torch.Tensor, labels: torch.Tensor,
                    generator: Optional[torch.Generator], class_dropout: float, null_class: int, learn_sigma: bool,
-                   autocast=nullcontext) -> torch.Tensor:
+                   autocast=nullcontext, per_sample: bool = False):
     """DiT's loss on a batch of clean inputs (scalar, mean over the batch); every draw comes from `generator`.
 
-    The draws, in order: timesteps, noise, class dropout. Labels dropped go to `null_class` (CFG)."""
+    The draws, in order: timesteps, noise, class dropout. Labels dropped go to `null_class` (CFG). With
+    `per_sample`, the per-sample terms {"loss", "mse", "vb"} and the timesteps "t" instead of the mean."""
     b = x0.shape[0]
     t = schedule.sample_timesteps(b, x0.device, generator)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device)
@@ -24,7 +25,8 @@ def diffusion_loss(model, schedule: DiffusionSchedule, x0: torch.Tensor, labels:
     x_t = schedule.q_sample(x0, t, noise)
     with autocast():
         out = model(x_t, t, labels).sample
-    return schedule.training_losses(out, x0, x_t, t, noise, learn_sigma)["loss"].mean()
+    terms = schedule.training_losses(out, x0, x_t, t, noise, learn_sigma)
+    return dict(terms, t=t) if per_sample else terms["loss"].mean()
 
 
 def ema_decay(step: int, batch: int, decay: float, half_life_images: Optional[float] = None,

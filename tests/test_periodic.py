@@ -1,0 +1,169 @@
+"""Evaluation during fine-tuning and the step schedules: EMA half-life, LR warm-up, held-out loss, best weights."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ledit_convert.data import ArrayImageDataset
+from ledit_convert.diffusion import DiffusionSchedule
+from ledit_convert.errors import ConfigError
+from ledit_convert.finetune import finetune
+from ledit_convert.periodic import EvalPlan, PeriodicEvaluator, better, heldout_loss, metric_key
+from ledit_convert.recipe import load_recipe
+from ledit_convert.trainstep import diffusion_loss, ema_decay, ema_decay_tensor, ema_half_life_of, learning_rate
+from test_finetune import BASE, make_images, make_model
+
+
+def test_ema_half_life_and_rampup_match_their_formulas():
+    assert ema_decay(5, 128, 0.999) == 0.999  # no half-life: the fixed decay, as DiT
+    # half-life in images: after half_life / batch updates the old weights keep exactly half their weight
+    d = ema_decay(10_000, 128, 0.999, half_life_images=128 * 50)
+    assert math.isclose(d ** 50, 0.5, rel_tol=1e-12)
+    # EDM ramp-up: early on the half-life is ramp x images seen, so step 0 forgets (almost) everything
+    assert ema_decay(0, 128, 0.999, 1e6, 0.05) == pytest.approx(0.5 ** (1 / 0.05))
+    assert ema_decay(10 ** 6, 128, 0.999, 1e6, 0.05) == pytest.approx(0.5 ** (128 / 1e6))
+    steps = torch.tensor([0, 7, 100, 10 ** 6])
+    on_device = ema_decay_tensor(steps, 128, 0.999, 1e6, 0.05)
+    assert torch.allclose(on_device.double(), torch.tensor([ema_decay(int(s), 128, 0.999, 1e6, 0.05) for s in steps],
+                                                           dtype=torch.float64), rtol=1e-6)
+    assert torch.all(ema_decay_tensor(steps, 128, 0.999) == 0.999)
+    # the half-life a fixed decay of 0.999 at batch 128 has: what makes a 1500-step EMA hold the start weights
+    assert ema_half_life_of(0.999, 128) == pytest.approx(128 * 692.8, rel=1e-3)
+    assert 0.999 ** 1500 == pytest.approx(0.223, abs=1e-3)
+
+
+def test_learning_rate_warmup_is_linear_then_constant():
+    assert [learning_rate(s, 1.0, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert learning_rate(0, 3e-4) == 3e-4
+
+
+def test_finetune_uses_the_warmup_and_half_life(setup_dirs_local):
+    model, imgs, tmp = setup_dirs_local
+    logged = []
+    recipe = load_recipe(None, dict(BASE, steps=3, lr_warmup_steps=2, ema_half_life_images=8.0, ema_rampup_ratio=0.5))
+    finetune(str(model), str(imgs), recipe, str(tmp / "run"), progress=logged.append)
+    assert [r["lr"] for r in logged] == [recipe.learning_rate / 2, recipe.learning_rate, recipe.learning_rate]
+    prov = json.loads((tmp / "run/model/provenance.json").read_text())
+    assert any("half-life 8 images, ramp-up 0.5" in c for c in prov["changes"])
+
+
+def test_bad_schedule_and_eval_keys_are_reported_together():
+    with pytest.raises(ConfigError) as e:
+        load_recipe(None, dict(ema_half_life_images=-1, ema_rampup_ratio=2.0, lr_warmup_steps=-3,
+                               eval_metrics=["fid", "ssim"], eval_weights=["best"], best_metric="fdi@512",
+                               eval_resolutions=["abc"]))
+    msg = str(e.value)
+    for part in ("ema_half_life_images -1", "ema_rampup_ratio 2.0", "lr_warmup_steps -3"):
+        assert part in msg
+    with pytest.raises(ConfigError) as e:
+        load_recipe(None, dict(eval_metrics=["fid", "ssim"], eval_weights=["best"], best_metric="fdi@512"))
+    msg = str(e.value)
+    assert "'ssim'" in msg and "'best'" in msg and "fdi@512" in msg
+
+
+def test_metric_direction_and_keys():
+    assert metric_key("fid", (64, 64)) == "fid@64" and metric_key("fid", (48, 64)) == "fid@48x64"
+    assert better("fid@64", 10.0, 12.0) and not better("fid@64", 13.0, 12.0)
+    assert better("object_rate@64", 0.5, 0.4) and better("heldout_loss", 0.1, 0.2)
+
+
+def _tiny_model(seed=0):
+    from _tiny import randomize_
+    from ledit_convert.model import LEDiTTransformer2DModel
+    model = LEDiTTransformer2DModel(sample_size=8, patch_size=2, in_channels=3, out_channels=6, hidden_size=32,
+                                    num_layers=2, num_attention_heads=2, num_classes=3,
+                                    attention_layout=["self", "causal"])
+    return randomize_(model, seed)
+
+
+def test_heldout_loss_is_the_training_loss_with_fixed_draws_in_eval_mode():
+    model = _tiny_model().train()
+    schedule = DiffusionSchedule()
+    x0 = torch.randn(10, 3, 8, 8)
+    labels = torch.arange(10) % 3
+    a = heldout_loss(model, schedule, x0, labels, seed=3, batch_size=4)
+    b = heldout_loss(model, schedule, x0, labels, seed=3, batch_size=4)
+    assert a == b and model.training  # same draws every call; the model's mode is restored
+    model.eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        terms = [diffusion_loss(model, schedule, x0[i:i + 4], labels[i:i + 4], g, 0.0, 3, True, per_sample=True)
+                 for i in range(0, 10, 4)]
+    loss, t = torch.cat([x["loss"] for x in terms]), torch.cat([x["t"] for x in terms])
+    assert a["heldout_loss"] == pytest.approx(float(loss.mean()), rel=1e-6)
+    low = t < 300
+    if low.any():
+        assert a["heldout_loss_t_lt_300"] == pytest.approx(float(loss[low].mean()), rel=1e-6)
+    if (~low).any():
+        assert a["heldout_loss_t_ge_300"] == pytest.approx(float(loss[~low].mean()), rel=1e-6)
+
+
+def test_evaluator_needs_what_its_metrics_need(tmp_path):
+    with pytest.raises(ConfigError, match="heldout_loss needs held-out data"):
+        PeriodicEvaluator(EvalPlan(every=1, resolutions=[(8, 8)], metrics=["heldout_loss"]), tmp_path)
+    with pytest.raises(ConfigError, match="fid needs a reference for 8, 16"):
+        PeriodicEvaluator(EvalPlan(every=1, resolutions=[(8, 8), (16, 16)], metrics=["fid"]), tmp_path,
+                          extractor=object())
+
+
+def _shape_images(n, res, seed):
+    from ledit_convert.shapes import ShapesDataset
+    ds = ShapesDataset(n, res, num_classes=3, seed=seed)
+    return ds.images(), ds.labels
+
+
+@pytest.fixture()
+def setup_dirs_local(tmp_path):
+    return make_model(tmp_path / "model"), make_images(tmp_path / "imgs"), tmp_path
+
+
+def test_finetune_evaluates_along_the_way_keeps_the_best_and_resumes(tmp_path):
+    images, labels = _shape_images(24, 8, 0)
+    held_images, held_labels = _shape_images(6, 8, 1)
+    model = make_model(tmp_path / "model")
+    settings = dict(BASE, learning_rate=3e-3, eval_every=2, eval_samples=4, eval_steps=3, eval_batch_size=4,
+                    eval_metrics=["structure", "heldout_loss"], eval_weights=["ema", "raw"],
+                    eval_resolutions=["8", "16"], best_metric="heldout_loss", checkpoint_every=2)
+    data, held = ArrayImageDataset(images, labels), ArrayImageDataset(held_images, held_labels)
+    first = finetune(str(model), data, load_recipe(None, dict(settings, steps=4)), str(tmp_path / "run"), heldout=held)
+    rows = [json.loads(line) for line in (tmp_path / "run/eval.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["weights"]) for r in rows] == [(2, "ema"), (2, "raw"), (4, "ema"), (4, "raw")]
+    for r in rows:
+        assert {"single_object_rate@8", "object_rate@16", "heldout_loss", "images_seen"} <= set(r)
+        assert 0.0 <= r["object_rate@16"] <= 1.0 and r["images_seen"] == r["step"] * 4
+    ema_rows = [r for r in rows if r["weights"] == "ema"]
+    best_row = min(ema_rows, key=lambda r: r["heldout_loss"])
+    best = json.loads((tmp_path / "run/best.json").read_text())
+    assert best["step"] == best_row["step"] and best["value"] == best_row["heldout_loss"]
+    assert first["best"]["step"] == best_row["step"] and first["evaluations"] == 4
+    # best/ is a model folder holding the EMA weights of that step, with the row in its provenance
+    prov = json.loads((tmp_path / "run/best/provenance.json").read_text())
+    assert prov["evaluation"]["step"] == best_row["step"]
+    if best_row["step"] == 4:
+        a = load_file(str(tmp_path / "run/best/diffusion_pytorch_model.safetensors"))
+        b = load_file(str(tmp_path / "run/model/diffusion_pytorch_model.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    # resuming to 6 steps evaluates only the new step and keeps the earlier rows
+    finetune(str(model), data, load_recipe(None, dict(settings, steps=6)), str(tmp_path / "run"), resume="latest",
+             heldout=held)
+    rows = [json.loads(line) for line in (tmp_path / "run/eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 2, 4, 4, 6, 6]
+
+
+def test_finetune_fid_during_training_against_an_image_folder(tmp_path):
+    from PIL import Image
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    images, labels = _shape_images(8, 8, 5)
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(ref / f"{i}.png")
+    model = make_model(tmp_path / "model")
+    recipe = load_recipe(None, dict(BASE, steps=2, eval_every=2, eval_samples=6, eval_steps=2, eval_batch_size=6,
+                                    eval_resolutions=["8"], eval_references=[str(ref)], best_metric="fid@8"))
+    summary = finetune(str(model), ArrayImageDataset(images, labels), recipe, str(tmp_path / "run"))
+    row = json.loads((tmp_path / "run/eval.jsonl").read_text().splitlines()[0])
+    assert np.isfinite(row["fid@8"]) and row["fid@8"] > 0 and 0 <= row["precision@8"] <= 1
+    assert summary["best"]["value"] == row["fid@8"] and (tmp_path / "run/best/config.json").exists()
