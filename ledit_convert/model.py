@@ -24,7 +24,8 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 
 ATTENTION_KINDS = ("self", "causal")
-CAUSAL_SCANS = ("one_dimension", "mask_lower_right", "unmask_neighborhood", "mask_lower_right_corner")
+CAUSAL_SCANS = ("one_dimension", "mask_lower_right", "unmask_neighborhood", "mask_lower_right_corner",
+                "row_or_column_major")
 POSITION_ENCODINGS = ("none", "sincos")
 POSITION_MODES = ("extrapolate", "interpolate")
 ATTENTION_SCALINGS = ("log", "none")
@@ -70,21 +71,28 @@ def sincos_position_table(dim: int, height: int, width: int, base_height: int, b
     return torch.cat([col_emb, row_emb], dim=-1).reshape(height * width, dim)
 
 
-def causal_visibility(scan: str, height: int, width: int, device=None) -> torch.Tensor:
-    """Boolean [N, N] matrix, True where query i (row) may attend to key j (column); raster order."""
-    idx = torch.arange(height * width, device=device)
-    r, c = idx // width, idx % width
-    qi, kj = idx[:, None], idx[None, :]
-    qr, kr, qc, kc = r[:, None], r[None, :], c[:, None], c[None, :]
+def _visible(scan: str, q_idx: torch.Tensor, kv_idx: torch.Tensor, width: int) -> torch.Tensor:
+    """True where query `q_idx` may attend to key `kv_idx` (raster indices on a grid `width` wide). Elementwise on
+    broadcastable tensors, so one definition serves the dense matrix and FlexAttention's mask_mod."""
+    qr, qc = q_idx // width, q_idx % width
+    kr, kc = kv_idx // width, kv_idx % width
     if scan == "one_dimension":
-        return kj <= qi
+        return kv_idx <= q_idx
     if scan == "mask_lower_right":
         return (kr <= qr) & (kc <= qc)
     if scan == "unmask_neighborhood":
-        return (kj <= qi) | (((kr - qr).abs() <= 1) & ((kc - qc).abs() <= 1))
-    if scan == "mask_lower_right_corner":
+        return (kv_idx <= q_idx) | (((kr - qr).abs() <= 1) & ((kc - qc).abs() <= 1))
+    if scan == "mask_lower_right_corner":  # scan (d), first reading: hide the keys strictly below-right
         return ~((kr > qr) & (kc > qc))
+    if scan == "row_or_column_major":  # scan (d), second reading: at or before the query in either raster order
+        return ~((kr >= qr) & (kc >= qc)) | (kv_idx == q_idx)
     raise ValueError(f"unknown causal_scan {scan!r}; expected one of {CAUSAL_SCANS}")
+
+
+def causal_visibility(scan: str, height: int, width: int, device=None) -> torch.Tensor:
+    """Boolean [N, N] matrix, True where query i (row) may attend to key j (column); raster order."""
+    idx = torch.arange(height * width, device=device)
+    return _visible(scan, idx[:, None], idx[None, :], width)
 
 
 @functools.lru_cache(maxsize=16)
@@ -93,17 +101,10 @@ def _cached_dense_mask(scan: str, height: int, width: int, device: str) -> torch
 
 
 def _flex_mask_mod(scan: str, width: int):
-    """The same visibility rule as `causal_visibility`, written as a FlexAttention mask_mod."""
+    """The visibility rule of `causal_visibility` as a FlexAttention mask_mod; an unknown scan raises when the block
+    mask is built."""
     def mask_mod(b, h, q_idx, kv_idx):
-        qr, qc = q_idx // width, q_idx % width
-        kr, kc = kv_idx // width, kv_idx % width
-        if scan == "one_dimension":
-            return kv_idx <= q_idx
-        if scan == "mask_lower_right":
-            return (kr <= qr) & (kc <= qc)
-        if scan == "unmask_neighborhood":
-            return (kv_idx <= q_idx) | (((kr - qr).abs() <= 1) & ((kc - qc).abs() <= 1))
-        return ~((kr > qr) & (kc > qc))
+        return _visible(scan, q_idx, kv_idx, width)
     return mask_mod
 
 
@@ -337,8 +338,12 @@ class LEDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         position_mode (`str`): how the sin/cos table meets a new grid: "extrapolate" (DiT's code, a larger
             grid) or "interpolate" (diffusers' PatchEmbed, the new grid squeezed into the trained range).
         attention_layout (`List[str]`): one entry per block, "self" or "causal"; None means all "self".
-        causal_scan (`str`): visibility rule of causal blocks: "one_dimension", "mask_lower_right",
-            "unmask_neighborhood" or "mask_lower_right_corner".
+        causal_scan (`str`): visibility rule of causal blocks (query at grid (r, c), key at (r', c')):
+            "one_dimension" (raster order), "mask_lower_right" (r' <= r and c' <= c), "unmask_neighborhood"
+            (raster order or the 3x3 neighbourhood), "mask_lower_right_corner" (the paper's (d), first reading:
+            hidden when r' > r and c' > c) or "row_or_column_major" ((d), second reading: visible when the key
+            precedes or is the query in row-major or in column-major order, i.e. hidden when r' >= r and c' >= c
+            except the query itself).
         attention_scaling (`str`): "log" multiplies logits by sqrt(ln N / ln N_train); "none" leaves them.
         locality (`str`): "none", "full" (D->D conv) or "depthwise".
         locality_kernel_size (`int`): conv kernel size (odd).
@@ -468,16 +473,18 @@ class LEDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         return math.sqrt(math.log(num_tokens) / math.log(train_tokens))
 
     @torch.compiler.disable
-    def _eager_inputs(self, grid, device, dtype, position_mode, to_self):
+    def _eager_inputs(self, grid, device, dtype, position_mode, to_self, dilation=None):
         """Cached lookups and this call's random draw, kept out of compiled graphs: the position table (or None),
-        the causal blocks' concrete attention backend and mask, and the locality conv's dilation."""
+        the causal blocks' concrete attention backend and mask, and the locality conv's dilation (drawn unless
+        the caller fixed it)."""
         table = None
         if self.config.position_encoding == "sincos":
             table = self.position_table(grid[0], grid[1], position_mode or self.config.position_mode, device, dtype)
         scan = None if to_self else self.config.causal_scan
         backend = resolve_backend(self.attention_backend, scan, torch.device(device).type)
         mask = attention_mask(scan, grid, device, backend) if any(b.causal for b in self.blocks) else None
-        dilation = self.locality_conv.sample_dilation() if self.locality_conv is not None else 1
+        if dilation is None:
+            dilation = self.locality_conv.sample_dilation() if self.locality_conv is not None else 1
         return table, backend, mask, dilation
 
     def unpatchify(self, x, height: int, width: int):
@@ -499,8 +506,9 @@ class LEDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         Predict noise (and variance values) for latents `hidden_states` (B, C, H, W).
 
         `attention_kwargs` may hold "scaling" ("log"/"none", overrides the config), "causal_to_self"
-        (True runs causal blocks as self-attention) and "position_mode" (overrides the config).
-        """
+        (True runs causal blocks as self-attention), "position_mode" (overrides the config) and
+        "locality_dilation" (an int: the conv's dilation for this call instead of the training-time draw, for a
+        caller that draws it itself, such as a captured CUDA graph per dilation)."""
         # 1. Input: patchify, positions, locality
         opts = attention_kwargs or {}
         p = self.config.patch_size
@@ -510,7 +518,7 @@ class LEDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         to_self = bool(opts.get("causal_to_self", False))
         x = self.x_embedder(hidden_states)  # (B, N, D)
         table, backend, mask, dilation = self._eager_inputs(grid, x.device, x.dtype, opts.get("position_mode"),
-                                                            to_self)
+                                                            to_self, opts.get("locality_dilation"))
         if table is not None:
             x = x + table
         if self.locality_conv is not None:
