@@ -5,7 +5,8 @@
     python benchmarks/gpu_check.py --sync-only --device cpu  # the same code path, without detection
 
 Checks, in float32 with TF32 off: FlexAttention (block masks) and SDPA (dense boolean mask, is_causal
-for the 1D scan) against the explicit softmax for every scan at 16x16 and non-square 24x40 grids;
+for the 1D scan) against the explicit softmax for every scan on a non-square 24x40 grid (both readings
+of scan (d) on 16x16 too);
 compiled blocks (inductor, FlexAttention inside the graph) against eager math, outputs and every
 gradient of a training step; our DiT mode against diffusers' DiTTransformer2DModel; the bf16 forward
 against fp32. Exits non-zero if any of these fails. `--sync-only` instead reports whether a fine-tune
@@ -103,7 +104,8 @@ def main():
                   num_attention_heads=4, num_classes=1000)
     for scan in CAUSAL_SCANS:
         model = random_model(**common, position_encoding="none", attention_layout=["causal"] * 4, causal_scan=scan)
-        shapes = [(48, 80), (32, 32)] if scan == "mask_lower_right_corner" else [(48, 80)]  # each shape compiles
+        scan_d = scan in ("mask_lower_right_corner", "row_or_column_major")  # both readings of the paper's (d)
+        shapes = [(48, 80), (32, 32)] if scan_d else [(48, 80)]  # each shape compiles
         for h, w in shapes:
             x = torch.randn(2, 4, h, w, device="cuda")
             t = torch.tensor([10, 900], device="cuda")

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import LeditError
+from .model import CAUSAL_SCANS
 
 app = typer.Typer(
     name="ledit-convert",
@@ -96,8 +97,8 @@ def surgery(
     source: str = typer.Argument(..., help="DiT checkpoint: .pt/.safetensors file, diffusers folder, or hub id."),
     output: Path = typer.Option(..., "-o", "--output", help="Folder to write the LEDiT model to."),
     causal_layers: str = typer.Option("alternate", help="alternate | all | none | comma list of block indices."),
-    scan: str = typer.Option("mask_lower_right_corner", help="Causal scan: one_dimension, mask_lower_right, "
-                             "unmask_neighborhood, mask_lower_right_corner."),
+    scan: str = typer.Option("mask_lower_right_corner", help=f"Causal scan: {' | '.join(CAUSAL_SCANS)} "
+                             "(mask_lower_right_corner and row_or_column_major: two readings of the paper's (d))."),
     locality: str = typer.Option("full", help="Locality conv: full | depthwise | none."),
     kernel_size: int = typer.Option(3, help="Locality conv kernel size (odd)."),
     dilation_prob: float = typer.Option(0.1, help="Probability of a dilated conv at a training step."),
@@ -166,12 +167,16 @@ def inspect(
 
 
 @app.command(epilog="Example: ledit-convert sample ledit-xl-2-256 --vae stabilityai/sd-vae-ft-ema --height 512 "
-                    "--width 512 --class-labels 207,360,387 --steps 250 --cfg-scale 4.0 --seed 0 -o samples/")
+                    "--width 512 --class-labels 207,360,387 --steps 250 --cfg-scale 4.0 --seed 0 -o samples/\n\n"
+                    "Stock DiT baseline: ledit-convert sample DiT-XL-2-256x256.pt --position-mode interpolate "
+                    "--height 512 --width 512 -o samples-dit/")
 @reported
 def sample(
-    model_dir: str = typer.Argument(..., help="LEDiT folder, pipeline folder, or diffusers DiT/DiTPipeline folder."),
+    model_dir: str = typer.Argument(..., help="LEDiT folder, pipeline folder, diffusers DiT/DiTPipeline folder, or a "
+                                              "DiT checkpoint file (.pt/.safetensors, run in DiT mode)."),
     output: Path = typer.Option(Path("samples"), "-o", "--output", help="Folder for PNGs, the grid and the npz."),
-    vae: Optional[str] = typer.Option(None, help="VAE folder or hub id (default: the pipeline's, else "
+    vae: Optional[str] = typer.Option(None, help="VAE folder or hub id, or 'none' for a pixel-space model (default: "
+                                                 "the pipeline's own; none for a 3-channel model; else "
                                                  "stabilityai/sd-vae-ft-ema)."),
     height: Optional[int] = typer.Option(None, help="Pixels (default: the training size)."),
     width: Optional[int] = typer.Option(None, help="Pixels (default: the training size)."),
@@ -193,6 +198,8 @@ def sample(
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty output folder."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the transformer blocks (one compile per "
                                                           "resolution and batch size; pays off over many batches)."),
+    num_heads: Optional[int] = typer.Option(None, help="Attention heads of a DiT checkpoint file of non-standard "
+                                                       "width."),
 ):
     """Generate class-conditional images at any height and width."""
     from rich.progress import Progress
@@ -209,7 +216,7 @@ def sample(
             cfg_scale=cfg_scale, guidance_channels=channels, seed=seed, batch_size=batch_size, device=device,
             dtype=dtype, scheduler=scheduler, attention_scaling=attention_scaling,
             causal_to_self_below=causal_to_self_below, position_mode=position_mode, output_dir=str(output),
-            write_png=not no_png, npz=npz, overwrite=overwrite, compile=compile,
+            write_png=not no_png, npz=npz, overwrite=overwrite, compile=compile, num_heads=num_heads,
             progress=lambda done, n: bar.update(task, completed=done, total=n))
     console.print(f"[green]wrote[/] {len(result.labels)} image(s) to {result.output_dir} in {result.seconds:.1f}s"
                   + (f"; grid {result.grid_path}" if result.grid_path else "")
@@ -289,7 +296,7 @@ def evaluate(
                                                   "npz batch (arr_0), or a stats npz (mu, sigma)."),
     output: Path = typer.Option(Path("eval"), "-o", "--output", help="Folder for results.json, results.md, fid.png."),
     num_samples: int = typer.Option(1000, help="Class-balanced samples per model and resolution."),
-    vae: Optional[str] = typer.Option(None, help="VAE folder or hub id."),
+    vae: Optional[str] = typer.Option(None, help="VAE folder or hub id, or 'none' (default: as for `sample`)."),
     steps: int = typer.Option(250, help="Denoising steps."),
     cfg_scale: float = typer.Option(1.5, help="Classifier-free guidance scale (the paper's protocol: 1.5)."),
     guidance_channels: str = typer.Option("3", help="3 (DiT's sampler) or all."),

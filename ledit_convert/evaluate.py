@@ -5,7 +5,6 @@ Features come from the standard FID Inception network (see fid.py); results are 
 markdown table and a PNG plot of FID against resolution.
 """
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,36 +214,21 @@ def write_report(rows: List[Dict], out_dir: str, settings: Optional[Dict] = None
 
 def check_models(specs: Sequence[ModelSpec]) -> None:
     """Fail before any sampling if a model cannot be read (folders by their JSON, files by their tensors)."""
-    from .checkpoints import read_checkpoint
-    from .sampling import inspect_model_dir
+    from .sampling import open_model
     for spec in specs:
-        if os.path.isdir(spec.path):
-            inspect_model_dir(spec.path)
-        else:
-            read_checkpoint(spec.path)
-
-
-def load_any_pipeline(path: str, vae: Optional[str], device: str, dtype: str, scheduler: str, compile: bool = False):
-    """A model folder through sampling.load_pipeline; a single DiT checkpoint file in DiT mode."""
-    from .sampling import DEFAULT_VAE, assemble_pipeline, check_dtype, load_pipeline, make_scheduler
-    if os.path.isdir(path):
-        return load_pipeline(path, vae=vae, scheduler=scheduler, device=device, dtype=dtype, compile=compile)
-    from .checkpoints import build_model, read_checkpoint
-    torch_dtype, noise_scheduler = check_dtype(dtype), make_scheduler(scheduler)
-    model = build_model(read_checkpoint(path)).to(torch_dtype)
-    return assemble_pipeline(model, vae or DEFAULT_VAE, noise_scheduler, device, compile)
+        open_model(spec.path)
 
 
 def pipeline_generator(settings: Dict, vae: Optional[str], progress: Optional[Callable[[int, int], None]] = None):
     """generate(spec, resolution) -> uint8 NHWC samples, one cached pipeline per model."""
-    from .sampling import check_call, plan_labels, sample_array
+    from .sampling import check_call, load_pipeline, plan_labels, sample_array
     cache = {}
 
     def generate(spec: ModelSpec, res: Resolution) -> np.ndarray:
         if spec.path not in cache:
             cache.clear()  # one model in memory at a time
-            pipe = load_any_pipeline(spec.path, vae, settings["device"], settings["dtype"], settings["scheduler"],
-                                     settings.get("compile", False))
+            pipe = load_pipeline(spec.path, vae=vae, scheduler=settings["scheduler"], device=settings["device"],
+                                 dtype=settings["dtype"], compile=settings.get("compile", False))
             pipe.set_progress_bar_config(disable=True)
             cache[spec.path] = pipe
         pipe = cache[spec.path]

@@ -14,6 +14,7 @@ from diffusers import AutoencoderKL, DiTTransformer2DModel
 from PIL import Image
 
 from .checkpoints import DIFFUSERS_DIT_CLASSES  # facebook/DiT-XL-2-256 still says Transformer2DModel
+from .checkpoints import SourceCheckpoint, build_model, read_checkpoint
 from .compiling import compile_blocks, is_compile_error, is_compiled, uncompile_blocks
 from .errors import CheckpointError, ConfigError, OutputExistsError
 from .model import LEDiTTransformer2DModel
@@ -27,17 +28,30 @@ GRID_MAX_IMAGES = 64  # a grid is a preview: 50K-sample runs must not build a gi
 
 @dataclass
 class ModelSource:
-    """Where a transformer lives and what it is, read from JSON only (no weights loaded)."""
+    """Where a transformer lives and what it is: a folder read from JSON only, or a DiT checkpoint file read."""
 
+    path: str  # what the user named
     kind: str  # "ledit" (our LEDiTTransformer2DModel) or "dit" (diffusers DiTTransformer2DModel)
-    transformer_dir: str
+    transformer_dir: Optional[str]  # None for a checkpoint file
     pipeline_dir: Optional[str]  # the folder holding model_index.json, if any
     config: dict
+    checkpoint: Optional[SourceCheckpoint] = None  # a DiT checkpoint file's tensors, run in DiT mode
 
     @property
     def num_classes(self) -> int:
         """Real classes of the model (the null class is this index)."""
         return int(self.config["num_classes"] if self.kind == "ledit" else self.config.get("num_embeds_ada_norm", 1000))
+
+    @property
+    def pipeline_vae(self) -> Optional[str]:
+        """The pipeline folder's own vae/, if it has one."""
+        vae_dir = os.path.join(self.pipeline_dir, "vae") if self.pipeline_dir is not None else None
+        return vae_dir if vae_dir is not None and os.path.isfile(os.path.join(vae_dir, "config.json")) else None
+
+    @property
+    def pixel_space(self) -> bool:
+        """A model with 3 input channels and no VAE of its own denoises RGB pixels directly."""
+        return self.config["in_channels"] == 3 and self.pipeline_vae is None
 
 
 @dataclass
@@ -60,13 +74,21 @@ def _read_json(path: str) -> dict:
         raise CheckpointError(f"cannot read {path}: {e}") from None
 
 
+def open_model(path: str, num_heads: Optional[int] = None) -> ModelSource:
+    """A model folder (`inspect_model_dir`) or a DiT checkpoint file, read and checked to run in DiT mode
+    (`num_heads` for a file of a non-standard width)."""
+    path = str(path)
+    if os.path.isfile(path):
+        ckpt = read_checkpoint(path, num_heads=num_heads)
+        return ModelSource(path, "ledit", None, None, ckpt.config, checkpoint=ckpt)
+    return inspect_model_dir(path)
+
+
 def inspect_model_dir(model_dir: str) -> ModelSource:
     """Find the transformer in a model folder, a pipeline folder (model_index.json) or a diffusers DiT folder."""
     model_dir = str(model_dir)
     if not os.path.exists(model_dir):
-        raise CheckpointError(f"model folder {model_dir} does not exist")
-    if not os.path.isdir(model_dir):
-        raise CheckpointError(f"{model_dir} is a file; expected a model folder with config.json or model_index.json")
+        raise CheckpointError(f"{model_dir} does not exist: expected a model folder or a DiT checkpoint file")
     pipeline_dir = model_dir if os.path.isfile(os.path.join(model_dir, "model_index.json")) else None
     if pipeline_dir is None and os.path.isfile(os.path.join(model_dir, "config.json")):
         transformer_dir = model_dir
@@ -87,16 +109,25 @@ def inspect_model_dir(model_dir: str) -> ModelSource:
         raise CheckpointError(f"{config_path} describes a {class_name}, not a LEDiT or DiT transformer")
     if not any(name.endswith((".safetensors", ".bin")) for name in os.listdir(transformer_dir)):
         raise CheckpointError(f"{transformer_dir} has no weights (*.safetensors or *.bin)")
-    return ModelSource(kind, transformer_dir, pipeline_dir, config)
+    return ModelSource(model_dir, kind, transformer_dir, pipeline_dir, config)
 
 
-def _resolve_vae(vae: Optional[str], source: ModelSource) -> str:
-    """The VAE given, else the pipeline folder's own vae/, else DiT's sd-vae-ft-ema."""
-    if vae is not None:
-        return str(vae)
-    if source.pipeline_dir is not None and os.path.isfile(os.path.join(source.pipeline_dir, "vae", "config.json")):
-        return os.path.join(source.pipeline_dir, "vae")
-    return DEFAULT_VAE
+def resolve_vae(vae: Optional[str], source: ModelSource) -> Optional[str]:
+    """The VAE a model decodes through, or None for a pixel-space model: `vae` as given ("none" means pixel space),
+    else the pipeline folder's own vae/, else DiT's sd-vae-ft-ema for a latent model. A VAE for a pixel-space
+    model, or "none" for a latent model, is a ConfigError."""
+    channels = source.config["in_channels"]
+    if vae is None:
+        return None if source.pixel_space else (source.pipeline_vae or DEFAULT_VAE)
+    if str(vae).lower() == "none":
+        if channels != 3:
+            raise ConfigError(f"--vae none means pixel space, but {source.path} takes {channels}-channel latents; "
+                              f"give the VAE it was trained with (DiT's: {DEFAULT_VAE})")
+        return None
+    if source.pixel_space:
+        raise ConfigError(f"{source.path} is a pixel-space model (3 input channels, no VAE of its own); "
+                          f"drop --vae {vae} or pass --vae none")
+    return str(vae)
 
 
 def vae_scale_factor(vae: Optional[str], error: type = CheckpointError) -> int:
@@ -111,20 +142,27 @@ def vae_scale_factor(vae: Optional[str], error: type = CheckpointError) -> int:
     return 2 ** (len(config["block_out_channels"]) - 1)
 
 
-def load_pipeline(model_dir: str, vae: Optional[str] = None, scheduler: Optional[str] = None, device: str = "cpu",
-                  dtype: str = "fp32", compile: bool = False) -> LEDiTPipeline:
-    """Load a model, pipeline or diffusers DiT folder into an LEDiTPipeline (no remote code; VAE kept in fp32).
+def load_pipeline(model: Union[str, ModelSource], vae: Optional[str] = None, scheduler: Optional[str] = None,
+                  device: str = "cpu", dtype: str = "fp32", compile: bool = False) -> LEDiTPipeline:
+    """Load a model, pipeline or diffusers DiT folder, or a DiT checkpoint file (DiT mode), into an LEDiTPipeline
+    (no remote code; VAE kept in fp32; `vae` as in `resolve_vae`).
 
     `compile=True` compiles the transformer's blocks (regional torch.compile, one compile per resolution and batch size);
     compilation happens at the first forward, so errors surface there (see `sample_images`)."""
     torch_dtype = check_dtype(dtype)
-    source = inspect_model_dir(model_dir)
-    vae_path = _resolve_vae(vae, source)
-    model_cls = LEDiTTransformer2DModel if source.kind == "ledit" else DiTTransformer2DModel
-    try:
-        transformer = model_cls.from_pretrained(source.transformer_dir, torch_dtype=torch_dtype)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"cannot load the transformer in {source.transformer_dir}: {str(e).splitlines()[0]}") from None
+    source = model if isinstance(model, ModelSource) else open_model(model)
+    vae_path = resolve_vae(vae, source)
+    if source.checkpoint is not None:
+        transformer = build_model(source.checkpoint)  # float32
+        if torch_dtype != torch.float32:  # diffusers warns on every cast, even a no-op one
+            transformer = transformer.to(torch_dtype)
+    else:
+        model_cls = LEDiTTransformer2DModel if source.kind == "ledit" else DiTTransformer2DModel
+        try:
+            transformer = model_cls.from_pretrained(source.transformer_dir, torch_dtype=torch_dtype)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"cannot load the transformer in {source.transformer_dir}: "
+                                  f"{str(e).splitlines()[0]}") from None
     if scheduler is not None:
         noise_scheduler = make_scheduler(scheduler)
     elif source.pipeline_dir is not None and os.path.isdir(os.path.join(source.pipeline_dir, "scheduler")):
@@ -152,13 +190,17 @@ def make_scheduler(kind: str):
     return default_scheduler(kind)
 
 
-def assemble_pipeline(transformer, vae_path: str, noise_scheduler, device: str, compile: bool) -> LEDiTPipeline:
-    """A loaded transformer with its VAE (read from `vae_path`, kept in fp32) and scheduler, on `device`, its blocks
-    compiled if asked. The VAE decodes once per image, so fp32 costs little and avoids fp16 overflow in SD VAEs."""
-    try:
-        autoencoder = AutoencoderKL.from_pretrained(vae_path)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"cannot load the VAE {vae_path}: {str(e).splitlines()[0]}") from None
+def assemble_pipeline(transformer, vae_path: Optional[str], noise_scheduler, device: str,
+                      compile: bool) -> LEDiTPipeline:
+    """A loaded transformer with its VAE (read from `vae_path`, kept in fp32; None in pixel space) and scheduler, on
+    `device`, its blocks compiled if asked. The VAE decodes once per image, so fp32 costs little and avoids fp16
+    overflow in SD VAEs."""
+    autoencoder = None
+    if vae_path is not None:
+        try:
+            autoencoder = AutoencoderKL.from_pretrained(vae_path)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"cannot load the VAE {vae_path}: {str(e).splitlines()[0]}") from None
     pipe = LEDiTPipeline(transformer=transformer, vae=autoencoder, scheduler=noise_scheduler).to(_check_device(device))
     if compile:
         compile_blocks(pipe.transformer)
@@ -312,6 +354,7 @@ def sample_images(
     npz: bool = False,
     overwrite: bool = False,
     compile: bool = False,
+    num_heads: Optional[int] = None,
     progress: Optional[Callable[[int, int], None]] = None,
 ) -> SampleResult:
     """Generate `num_samples` images and write PNGs, a grid and optionally an ADM-format npz.
@@ -320,9 +363,11 @@ def sample_images(
     images whatever `batch_size` is (up to float noise from batched matmuls), and a run with more samples
     extends a shorter one. Labels: `class_labels` cycled, or class-balanced (i mod num_classes) when None.
     Everything is validated (folder, labels, sizes, options) before weights are loaded or files written.
-    `progress(done, total)` is called after each batch. VAE: `vae`, else the pipeline folder's vae/,
-    else stabilityai/sd-vae-ft-ema. `height`/`width` are pixels (default: the training size). `compile=True`
-    compiles the transformer blocks; if compilation fails at the first batch, sampling warns and goes on eagerly.
+    `progress(done, total)` is called after each batch. `model_dir` may also be a DiT checkpoint file, run in
+    DiT mode (`num_heads` for a non-standard width). VAE: `vae` ("none": pixel space), else the pipeline folder's
+    vae/, else none for a pixel-space model (3 input channels), else stabilityai/sd-vae-ft-ema (`resolve_vae`).
+    `height`/`width` are pixels (default: the training size). `compile=True` compiles the transformer blocks; if
+    compilation fails at the first batch, sampling warns and goes on eagerly.
     """
     # 1. Validate everything that needs no weights
     started = time.perf_counter()
@@ -334,13 +379,12 @@ def sample_images(
         if value < 1:
             raise ConfigError(f"{name} {value} must be at least 1")
     _check_device(device)
-    source = inspect_model_dir(model_dir)
+    source = open_model(model_dir, num_heads=num_heads)
     num_classes = source.num_classes
     for label in class_labels or []:
         if not 0 <= label < num_classes:
             raise ConfigError(f"class label {label} is out of range: {model_dir} has {num_classes} classes (0..{num_classes - 1})")
-    vae_path = _resolve_vae(vae, source)
-    multiple = vae_scale_factor(vae_path) * source.config["patch_size"]
+    multiple = vae_scale_factor(resolve_vae(vae, source)) * source.config["patch_size"]
     default_size = source.config["sample_size"] * (multiple // source.config["patch_size"])
     height = default_size if height is None else height
     width = default_size if width is None else width
@@ -351,7 +395,7 @@ def sample_images(
         raise OutputExistsError(f"output folder {output_dir} is not empty; pass overwrite=True to write into it")
 
     # 2. Load, then check the options that depend on the model class (LEDiT-only options on a DiT, ...)
-    pipe = load_pipeline(model_dir, vae=vae_path, scheduler=scheduler, device=device, dtype=dtype, compile=compile)
+    pipe = load_pipeline(source, vae=vae, scheduler=scheduler, device=device, dtype=dtype, compile=compile)
     pipe.set_progress_bar_config(disable=True)  # the caller reports progress per batch
     labels = plan_labels(num_samples, class_labels, num_classes)
     call = dict(height=height, width=width, num_inference_steps=steps, guidance_scale=cfg_scale,

@@ -20,7 +20,7 @@ class SurgeryOptions:
     """What surgery does; defaults are the paper's full LEDiT."""
 
     causal_layers: str = "alternate"  # (SA, CA) x depth/2, SA first
-    scan: str = "mask_lower_right_corner"  # variant (d), the paper's best (Table 1b)
+    scan: str = "mask_lower_right_corner"  # variant (d), the paper's best (Table 1b), in its first reading
     locality: str = "full"  # D->D 3x3 conv; "depthwise" or "none" for ablations
     kernel_size: int = 3
     dilation_prob: float = 0.1  # Table 1c: p = 0.1 is best

@@ -42,6 +42,8 @@ def visible(scan, height, width):
                 m[i, j] = j <= i or (abs(r2 - r) <= 1 and abs(c2 - c) <= 1)
             elif scan == "mask_lower_right_corner":
                 m[i, j] = not (r2 > r and c2 > c)
+            elif scan == "row_or_column_major":  # at or before the query in row-major or in column-major order
+                m[i, j] = j <= i or c2 * height + r2 <= c * height + r
             else:
                 raise ValueError(scan)
     return torch.from_numpy(m)

@@ -65,6 +65,36 @@ def test_corner_scan_visible_count_formula():
         assert m[i].sum().item() == h * w - (h - 1 - r) * (w - 1 - c)
 
 
+def test_row_or_column_major_scan_properties():
+    """Scan (d), second reading: the union of the row-major and column-major causal scans."""
+    for h, w in [(4, 6), (5, 3), (1, 4)]:
+        m = causal_visibility("row_or_column_major", h, w)
+        idx = torch.arange(h * w)
+        r, c = idx // w, idx % w
+        column_major = c * h + r  # each token's index when the grid is scanned column by column
+        row_causal = idx[None, :] <= idx[:, None]
+        column_causal = column_major[None, :] <= column_major[:, None]
+        assert torch.equal(m, row_causal | column_causal)
+        assert torch.equal(row_causal & column_causal, causal_visibility("mask_lower_right", h, w))
+        assert m[0].nonzero().flatten().tolist() == [0]  # the top-left token sees only itself
+        counts = m.sum(dim=1)
+        assert torch.equal(counts, h * w - (h - r) * (w - c) + 1)
+        assert counts.min().item() == 1 and counts.max().item() == h * w
+        corner = causal_visibility("mask_lower_right_corner", h, w)
+        assert not (m & ~corner).any()  # every key it shows, the first reading shows too ...
+        assert torch.equal(corner.sum(dim=1) - counts, (h - 1 - r) + (w - 1 - c))  # ... which shows more
+        assert (corner & ~m).any() == (h * w > 1)
+
+
+def test_unknown_scan_is_refused_by_every_mask_builder():
+    from ledit_convert.model import _flex_mask_mod
+    q, k = torch.tensor(3), torch.tensor(1)
+    with pytest.raises(ValueError, match="'zigzag'"):
+        causal_visibility("zigzag", 2, 2)
+    with pytest.raises(ValueError, match="'zigzag'"):
+        _flex_mask_mod("zigzag", 2)(0, 0, q, k)
+
+
 def ledit_error_against_reference(sd, scan, backend):
     """Relative error of a LEDiT (SA/CA layout, random conv) on a non-square grid against the float64 reference."""
     layout = ["self", "causal"] * 2
@@ -86,9 +116,10 @@ def test_ledit_mode_matches_reference(sd, scan, backend):
     assert ledit_error_against_reference(sd, scan, backend) <= 1e-5
 
 
-def test_flex_backend_on_cpu_matches_reference(sd):
+@pytest.mark.parametrize("scan", ["mask_lower_right_corner", "row_or_column_major"])
+def test_flex_backend_on_cpu_matches_reference(sd, scan):
     """FlexAttention (compiled, block mask) is the CUDA default for 2D scans; it runs on the CPU too."""
-    assert ledit_error_against_reference(sd, "mask_lower_right_corner", "flex") <= 1e-5
+    assert ledit_error_against_reference(sd, scan, "flex") <= 1e-5
 
 
 def test_zero_conv_is_an_exact_no_op(sd):
