@@ -45,15 +45,16 @@ def ema_decay(step: int, batch: int, decay: float, half_life_images: Optional[fl
     return 0.5 ** (batch / max(half_life, 1e-8))
 
 
-def ema_decay_tensor(step: torch.Tensor, batch: int, decay: float, half_life_images: Optional[float] = None,
-                     rampup_ratio: Optional[float] = None) -> torch.Tensor:
-    """`ema_decay` computed on the device from a step counter tensor (no host sync; safe in a CUDA graph)."""
+def ema_weight_tensor(step: torch.Tensor, batch: int, decay: float, half_life_images: Optional[float] = None,
+                      rampup_ratio: Optional[float] = None) -> torch.Tensor:
+    """1 - `ema_decay`, the weight an EMA update gives the new parameters, computed on the device from a step
+    counter tensor (no host sync; safe in a CUDA graph) and without the cancellation of 1 - decay in float32."""
     if half_life_images is None:
-        return torch.full_like(step, decay, dtype=torch.float32)
+        return torch.full_like(step, 1.0 - decay, dtype=torch.float32)
     half_life = torch.full_like(step, half_life_images, dtype=torch.float32)
     if rampup_ratio is not None:
         half_life = torch.minimum(half_life, (step.float() + 1) * (batch * rampup_ratio))
-    return torch.exp2(-batch / half_life.clamp(min=1e-8))
+    return -torch.expm1(-math.log(2.0) * batch / half_life.clamp(min=1e-8))
 
 
 def learning_rate(step: int, base_lr: float, warmup_steps: int = 0) -> float:
