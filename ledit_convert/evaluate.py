@@ -153,13 +153,15 @@ PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 
 
-def plot_metric(rows: List[Dict], path: str, metric: str = "fid", size=(720, 420)) -> str:
-    """A PNG line chart of a metric against resolution, one line per model (drawn with PIL)."""
+def plot_metric(rows: List[Dict], path: str, metric: str = "fid", size=(720, 420),
+                xlabel: str = "resolution (pixels)") -> str:
+    """A PNG line chart of a metric against resolution (or another category in the rows' "resolution" field, in
+    order of appearance), one line per model (drawn with PIL)."""
     from PIL import Image, ImageDraw
     resolutions = list(dict.fromkeys(r["resolution"] for r in rows))
     models = list(dict.fromkeys(r["model"] for r in rows))
     values = [r[metric] for r in rows if r.get(metric) is not None and math.isfinite(r[metric])]
-    top = max(values) * 1.1 if values else 1.0
+    top = max(values) * 1.1 if values and max(values) > 0 else 1.0
     w, h = size
     left, right, upper, lower = 60, 200, 20, 50
     img = Image.new("RGB", size, "white")
@@ -178,7 +180,7 @@ def plot_metric(rows: List[Dict], path: str, metric: str = "fid", size=(720, 420
     for i, res in enumerate(resolutions):
         x, _ = xy(i, 0)
         d.text((x - 12, h - lower + 8), res, fill="black")
-    d.text((left, h - 20), f"{metric.upper()} by resolution (pixels)", fill="black")
+    d.text((left, h - 20), f"{metric} by {xlabel}", fill="black")
     for m_i, m in enumerate(models):
         colour = PALETTE[m_i % len(PALETTE)]
         pts = [xy(i, r[metric]) for i, res in enumerate(resolutions) for r in rows

@@ -105,8 +105,9 @@ def heldout_loss(model, schedule, x0: torch.Tensor, labels: torch.Tensor, seed: 
     return out
 
 
-def sample_images(model, res: Resolution, n: int, plan: EvalPlan, vae=None) -> np.ndarray:
-    """n class-balanced uint8 NHWC samples at `res` with per-image seeds (the same at every evaluation)."""
+def sample_images(model, res: Resolution, n: int, plan: EvalPlan, vae=None, position_mode=None) -> np.ndarray:
+    """n class-balanced uint8 NHWC samples at `res` with per-image seeds (the same at every evaluation);
+    `position_mode` chooses how a sin/cos model meets a new size."""
     from .pipeline import LEDiTPipeline, default_scheduler
     from .sampling import plan_labels, sample_array
     pipe = LEDiTPipeline(transformer=model, vae=vae, scheduler=default_scheduler("ddpm"))
@@ -114,7 +115,7 @@ def sample_images(model, res: Resolution, n: int, plan: EvalPlan, vae=None) -> n
     labels = plan_labels(n, None, model.config.num_classes)
     return sample_array(pipe, labels, plan.seed, plan.batch_size, height=res[0], width=res[1],
                         num_inference_steps=plan.steps, guidance_scale=plan.cfg,
-                        guidance_channels=3 if vae is not None else None)
+                        guidance_channels=3 if vae is not None else None, position_mode=position_mode)
 
 
 def score_samples(images: np.ndarray, res: Resolution, plan: EvalPlan, extractor) -> Dict[str, Optional[float]]:

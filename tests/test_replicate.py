@@ -1,0 +1,62 @@
+"""The prepared GPU run of the replication (benchmarks/gpu_run.sh), dry-run at smoke scale on the CPU.
+
+It checks the plumbing, not the science: every phase runs, every arm is trained and scored, the budget sweep is
+evaluated along one run, what a GPU call brings back fits its limits, and a rerun continues instead of redoing."""
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import replicate  # noqa: E402
+
+
+def _run(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path / "out"), SCALE="smoke", DEVICE="cpu", BUDGET="900", EVAL_RESERVE="0",
+               REP=str(tmp_path / "rep"))
+    proc = subprocess.run(["bash", "benchmarks/gpu_run.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=1200)
+    log = (tmp_path / "out" / "replicate.log").read_text()
+    assert proc.returncode == 0 and "replicate rc=0" in log, log[-3000:]
+    return [json.loads(line) for line in (tmp_path / "out" / "rows.jsonl").read_text().splitlines()]
+
+
+def test_gpu_run_dry_run_trains_and_scores_every_arm_and_resumes(tmp_path):
+    rows = _run(tmp_path)
+    out = tmp_path / "out"
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8 and all((out / f).stat().st_size < 16 << 20 for f in files), files
+    assert {"rows.jsonl", "results.md", "report.tgz", "best-ledit.tgz", "shapes-dit-base.pt",
+            "replicate.log", "check.log", "machine.txt"} == set(files)
+    cfg = replicate.SCALES["smoke"]
+    arms = {r["arm"] for r in rows}
+    assert set(replicate.ARMS) | {"base", "dit-extrapolate", "dit-interpolate", "upscale"} == arms
+    # every trained arm: EMA at every size and raw weights at the base size and 2x, at its final budget
+    for name in replicate.PHASE1:
+        mine = {(r["weights"], r["resolution"]) for r in rows if r["arm"] == name and r["budget"] == cfg["main_budget"]}
+        assert {("ema", "32"), ("ema", "48"), ("ema", "64"), ("ema", "48x64"), ("raw", "32"), ("raw", "64")} == mine
+    # the budget sweep: one run per sweep arm, scored at every sweep point
+    for name in replicate.SWEEP_ARMS:
+        assert sorted({r["budget"] for r in rows if r["arm"] == name and r["seed"] == 0}) == cfg["sweep"]
+    assert {r["seed"] for r in rows if r["arm"] in replicate.PHASE3_SEEDED} == {0, 1}
+    base_rows = [r for r in rows if r["arm"] == "base"]
+    assert [r["budget"] for r in base_rows] == [cfg["base_budget"] // 4, cfg["base_budget"] // 2, cfg["base_budget"]]
+    at_base = [r for r in rows if r["arm"] == "ledit" and r["resolution"] == "32"]
+    for r in at_base:  # the held-out loss and the position probe come with every base-size row
+        assert r["heldout_loss"] > 0 and -1.0 <= r["probe_row_r2_mid"] <= 1.0 and "probe_col_r2_in" in r
+        assert 0.0 <= r["object_rate"] <= 1.0 and r["samples"] == cfg["samples"]
+    results = (out / "results.md").read_text()
+    for heading in ("Scan ablation", "Budget curve", "Raw against EMA", "probe_row_r2_mid"):
+        assert heading in results
+    with tarfile.open(out / "best-ledit.tgz") as tar:
+        names = tar.getnames()
+    assert "best-ledit/config.json" in names and "best-ledit/evaluation.json" in names
+    with tarfile.open(out / "report.tgz") as tar:
+        names = tar.getnames()
+    assert "budget_object_rate.png" in names and "grid_64.png" in names and "base/provenance.json" in names
+    # a rerun finds everything done: no new rows
+    again = _run(tmp_path)
+    assert len(again) == len(rows)
