@@ -22,6 +22,9 @@ left() { echo $((BUDGET - ($(date +%s) - start))); }
 if [ "$DEVICE" = cuda ]; then  # every attention path (all scans) and the compiled blocks against the explicit softmax
   timeout 150 python3 benchmarks/gpu_check.py > "$OUT/check.log" 2>&1
   echo "gpu_check rc=$? after $(( $(date +%s) - start ))s" >> "$OUT/check.log"
+  # images/s: finetune's loop (the peer), one fastloop arm eager and graphed, 8 arms at once
+  timeout 90 python3 benchmarks/bench_fastloop.py --device cuda --batch 256 --steps 50 --arms 8 >> "$OUT/check.log" 2>&1
+  echo "bench_fastloop rc=$? after $(( $(date +%s) - start ))s" >> "$OUT/check.log"
 else
   echo "gpu_check skipped on $DEVICE" > "$OUT/check.log"
 fi

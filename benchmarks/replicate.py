@@ -48,6 +48,7 @@ BASE = 32
 RESOLUTIONS = [(32, 32), (48, 48), (64, 64), (48, 64)]
 RAW_RESOLUTIONS = [(32, 32), (64, 64)]  # raw weights are scored at the base size and 2x
 SWEEP_RESOLUTIONS = [(32, 32), (64, 64)]
+BASE_SHARE = 0.3  # the most of the training time (under --deadline) the base may take
 MODEL = dict(sample_size=BASE, patch_size=2, in_channels=3, out_channels=6, hidden_size=128, num_layers=8,
              num_attention_heads=4, num_classes=4)
 # budgets are in training images; LR is the base's at batch 128, scaled by sqrt(batch / 128) for other batches
@@ -214,8 +215,9 @@ class Experiment:
         return arm
 
     # -- training -------------------------------------------------------------
-    def train_to(self, arms: dict, budget: int, label_: str) -> bool:
+    def train_to(self, arms: dict, budget: int, label_: str, deadline: float = None) -> bool:
         """Train every arm to `budget` images together; stop at the deadline (state saved). True if reached."""
+        deadline = self.deadline if deadline is None else deadline
         target = budget // self.cfg["batch"]
         chunk = max(1, min(500, target // 8))
         t0, done_images = time.time(), 0
@@ -223,7 +225,7 @@ class Experiment:
             behind = {k: a for k, a in arms.items() if a.step_count < target}
             if not behind:
                 break
-            if time.time() > self.deadline:
+            if time.time() > deadline:
                 log(f"deadline: {label_} stopped before {millions(budget)} images")
                 self.save_arms(arms)
                 return False
@@ -384,8 +386,10 @@ def phase_base(exp: Experiment) -> None:
     if (exp.out / "arms" / "base-s0" / "state").exists():  # train_to saves the base's state like any arm's
         arm.load(exp.out / "arms" / "base-s0" / "state")
     t0 = time.time()
+    # the base may take at most BASE_SHARE of the training time left, so that the arms it exists for still run
+    limit = t0 + BASE_SHARE * (exp.deadline - t0) if math.isfinite(exp.deadline) else None
     for point in (budget // 4, budget // 2, budget):
-        reached = exp.train_to({("base", 0): arm}, point, "base")
+        reached = exp.train_to({("base", 0): arm}, point, "base", limit)
         exp.score(arm.ema, "base", 0, arm.step_count * exp.cfg["batch"], "ema", [(BASE, BASE)])
         if not reached:
             break

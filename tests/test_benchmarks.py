@@ -34,3 +34,10 @@ def test_bench_sampling_reports_the_target_ratios():
     assert rows["ours + LEDiT 4x"]["tokens"] == 4 * rows["ours + LEDiT 1x"]["tokens"]
     assert set(out["ratios"]) == {"ledit_4x_vs_stock_4x", "causal_vs_self_4x", "ledit_1x_vs_diffusers"}
     assert all(v > 0 for v in out["ratios"].values())
+
+
+def test_bench_fastloop_reports_the_peer_and_every_eager_row():
+    out = last_json([BENCH / "bench_fastloop.py", "--device", "cpu", "--batch", "4", "--steps", "1", "--warmup", "1",
+                     "--arms", "2", "--items", "16", "--hidden", "32", "--layers", "2"])
+    assert set(out["images_per_s"]) == {"finetune (peer)", "one_eager", "concurrent_eager"}  # graphed: CUDA only
+    assert all(v > 0 for v in out["images_per_s"].values()) and out["ratio_vs_finetune"]["finetune (peer)"] == 1.0
