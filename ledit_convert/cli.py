@@ -259,6 +259,10 @@ def finetune(
         if summary["skipped_images"]:
             console.print(f"[yellow]skipped {summary['skipped_images']} unreadable image(s)[/]; see the log")
         console.print(f"[green]done[/]: {summary['steps']} steps; model written to {summary['model']}")
+        if "best" in summary:
+            best = summary["best"]
+            console.print(f"best {best['metric']} {best['value']:.4g} at step {best['step']}: {best['model']} "
+                          f"({summary['evaluations']} evaluation rows in {out / 'eval.jsonl'})")
 
 
 class _TrainingProgress:

@@ -167,3 +167,22 @@ def test_finetune_fid_during_training_against_an_image_folder(tmp_path):
     row = json.loads((tmp_path / "run/eval.jsonl").read_text().splitlines()[0])
     assert np.isfinite(row["fid@8"]) and row["fid@8"] > 0 and 0 <= row["precision@8"] <= 1
     assert summary["best"]["value"] == row["fid@8"] and (tmp_path / "run/best/config.json").exists()
+
+
+def test_cli_finetune_evaluates_held_out_images_from_a_folder_and_names_the_best(setup_dirs_local):
+    from typer.testing import CliRunner
+
+    from ledit_convert.cli import app
+    model, imgs, tmp = setup_dirs_local
+    args = ["finetune", str(model), "--data", str(imgs), "--output-dir", str(tmp / "run"), "--steps", "4",
+            "--batch-size", "4"]
+    for key, value in dict(BASE, eval_every=2, eval_metrics="heldout_loss", eval_heldout=str(imgs),
+                           eval_heldout_items=5, best_metric="heldout_loss", checkpoint_every=4).items():
+        if key not in ("global_batch_size",):
+            args += ["--set", f"{key}={'' if value == [] else value}"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (tmp / "run/eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4] and all(r["heldout_loss"] > 0 for r in rows)
+    best = min(rows, key=lambda r: r["heldout_loss"])
+    assert f"best heldout_loss {best['heldout_loss']:.4g} at step {best['step']}" in result.output
