@@ -16,7 +16,9 @@ dilation the model can draw (the dilation is drawn on the host, then the matchin
 import copy
 import dataclasses
 import functools
+import itertools
 import json
+import logging
 import random
 import time
 from contextlib import contextmanager, nullcontext
@@ -35,6 +37,8 @@ from .errors import ConfigError, DataError
 from .export import atomic_folder, write_json_atomic, write_model_folder
 from .model import LEDiTTransformer2DModel, attention_mask, resolve_backend
 from .trainstep import diffusion_loss, ema_weight_tensor, learning_rate
+
+logger = logging.getLogger(__name__)
 
 
 #################################################################################
@@ -203,6 +207,7 @@ class Arm:
         self._autocast = nullcontext if cfg.mixed_precision == "no" else functools.partial(
             torch.autocast, self.device.type, dtype=torch.bfloat16, cache_enabled=False)  # no cache: capture-safe
         self._graphs: Dict[int, "torch.cuda.CUDAGraph"] = {}
+        self.graph_error: Optional[str] = None  # why a graphed arm fell back to eager steps, if it did
         self._kept: List[object] = []  # cached inputs the steps read (`_hold_cached_inputs`)
         self._primed = False
 
@@ -255,7 +260,13 @@ class Arm:
     def step(self) -> None:
         """One optimizer step, queued on the arm's stream (a graph replay once captured); no host sync."""
         if self.graphed and not self._graphs:
-            self._capture_graphs()
+            try:
+                self._capture_graphs()
+            except RuntimeError as e:  # a host sync in the step, a capture the driver refused: train eagerly
+                self.graphed = False
+                self.graph_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                logger.warning("CUDA graph capture failed (%s); this arm (seed %d) steps eagerly", self.graph_error,
+                               self.cfg.seed)
         dilation = self._draw_dilation()
         with self._on_stream():
             self._set_lr(learning_rate(self.step_count, self.cfg.lr, self.cfg.lr_warmup_steps))
@@ -313,22 +324,28 @@ class Arm:
         generator_state = self.generator.get_state()
         global_rngs = self._global_rng_states()
         with self._on_stream():
-            for dilation in self.dilations:
-                for i in range(self.warmup):
-                    with _no_host_syncs(self.cuda and self.check_syncs and i > 0):
-                        self._set_lr(self.cfg.lr)
-                        self._compute(dilation)
-            with torch.no_grad():  # state the warm-up created (fresh AdamW moments and steps) goes back to zero
-                kept = {id(t) for t, _ in saved}
-                for t in self._optimizer_tensors():
-                    if id(t) not in kept:
-                        t.zero_()
-                for t, copy_ in saved:
-                    t.copy_(copy_)
-        self.generator.set_state(generator_state)
+            try:
+                for dilation in self.dilations:
+                    for i in range(self.warmup):
+                        with _no_host_syncs(self.cuda and self.check_syncs and i > 0):
+                            self._set_lr(self.cfg.lr)
+                            self._compute(dilation)
+            finally:  # also after a failed warm-up step, so that an eager fallback starts where this arm was
+                self._roll_back(saved)
+                self.generator.set_state(generator_state)
         if not all(torch.equal(a, b) for a, b in zip(global_rngs, self._global_rng_states())):
             raise RuntimeError("the training step draws from torch's global RNG: a graph would replay a host draw "
                                "as a constant, or share the default CUDA generator with other arms")
+
+    def _roll_back(self, saved) -> None:
+        """Put back every tensor `saved` lists; optimizer state created since is zeroed (as if never made)."""
+        with torch.no_grad():  # state the warm-up created (fresh AdamW moments and steps) goes back to zero
+            kept = {id(t) for t, _ in saved}
+            for t in self._optimizer_tensors():
+                if id(t) not in kept:
+                    t.zero_()
+            for t, copy_ in saved:
+                t.copy_(copy_)
 
     def _global_rng_states(self) -> List[torch.Tensor]:
         return [torch.get_rng_state(), *([torch.cuda.get_rng_state(self.device)] if self.cuda else [])]
@@ -349,12 +366,30 @@ class Arm:
                                "CUDAGraph.register_generator_state")
         self._warm_up()
         self._hold_cached_inputs()
+        # one memory pool for the arm's graphs: they replay one after another on its stream, and every tensor that
+        # outlives a step was allocated before capture. capture_begin/end by hand (not torch.cuda.graph) so that a
+        # capture that fails is ended: otherwise its pool stays marked as capturing, which blocks the allocator's
+        # free-and-retry on out-of-memory and trips empty_cache for the rest of the process
+        pool = torch.cuda.graph_pool_handle()
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
         with torch.cuda.device(self.device):
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
             for dilation in self.dilations:
                 graph = torch.cuda.CUDAGraph()
                 graph.register_generator_state(self.generator)  # replays advance its Philox offset like eager draws
-                with torch.cuda.graph(graph, stream=self.stream):  # a private memory pool per graph
-                    self._compute(dilation)
+                with torch.cuda.stream(self.stream):
+                    graph.capture_begin(pool=pool)
+                    try:
+                        self._compute(dilation)
+                    finally:
+                        try:
+                            graph.capture_end()
+                        except Exception:
+                            torch._C._cuda_endAllocateToPool(index, pool)
+                            torch._C._cuda_releasePool(index, pool)
+                            self._graphs.clear()
+                            raise
                 self._graphs[dilation] = graph
         self._primed = True  # capture synchronized the device
 
@@ -476,13 +511,19 @@ def check_graphed_matches_eager(make_arm: Callable[[bool], Arm], steps: int = 3,
     final weights compared; "passed" also needs every graphed step to have been a replay. A warm-up or capture
     that fails (a host sync, say) is reported as a failure with its "error", so the caller can train eagerly."""
     eager, graphed = make_arm(False), make_arm(True)
+    for arm in (eager, graphed):  # every dilation's graph replays at least once, in the same order for both
+        order = itertools.cycle(arm.dilations)
+        arm._draw_dilation = functools.partial(next, order)
+    steps = max(steps, 2 * len(graphed.dilations))
     try:
         result = compare_arms(eager, graphed, steps, rtol)
     except RuntimeError as e:
         return {"passed": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
                 "graphs": sorted(graphed._graphs)}
     result["graphs"] = sorted(graphed._graphs)
-    result["passed"] = result["passed"] and bool(graphed._graphs)
+    result["passed"] = result["passed"] and bool(graphed._graphs) and graphed.graph_error is None
+    if graphed.graph_error is not None:
+        result["error"] = graphed.graph_error
     return result
 
 

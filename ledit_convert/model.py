@@ -95,7 +95,7 @@ def causal_visibility(scan: str, height: int, width: int, device=None) -> torch.
     return _visible(scan, idx[:, None], idx[None, :], width)
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=64)
 def _cached_dense_mask(scan: str, height: int, width: int, device: str) -> torch.Tensor:
     return causal_visibility(scan, height, width, device=torch.device(device))
 
@@ -108,7 +108,7 @@ def _flex_mask_mod(scan: str, width: int):
     return mask_mod
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=64)
 def _cached_block_mask(scan: str, height: int, width: int, device: str):
     from torch.nn.attention.flex_attention import create_block_mask
     n = height * width

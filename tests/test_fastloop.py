@@ -232,3 +232,43 @@ def test_bf16_autocast_step_and_throughput_helper_run():
     assert np.isfinite(arm.pop_losses())
     numbers = measure_throughput(lambda graphed: make_arm(), arms=2, steps=1, untimed_steps=1)
     assert {"one_eager", "concurrent_eager"} <= set(numbers) and "one_graphed" not in numbers
+
+
+def test_a_failed_warm_up_puts_everything_back():
+    arm, twin = make_arm(dilation_prob=0.5), make_arm(dilation_prob=0.5)
+    arm.step(), twin.step()
+    before, gen = [t.clone() for t in arm._written()], arm.generator.get_state()
+    real, calls = arm._compute, {"n": 0}
+
+    def failing(dilation):  # the second warm-up step fails half-way, after the forward and backward ran
+        calls["n"] += 1
+        if calls["n"] == 2:
+            x, labels = arm.data.draw(arm.cfg.batch, arm.generator)
+            arm.model(x, torch.zeros(len(x), dtype=torch.long), labels).sample.sum().backward()
+            raise RuntimeError("a host sync")
+        return real(dilation)
+    arm._compute = failing
+    with pytest.raises(RuntimeError, match="a host sync"):
+        arm._warm_up()
+    assert_same([t for t in arm._written()], before)
+    assert torch.equal(arm.generator.get_state(), gen)
+    arm._compute = real
+    for _ in range(3):  # and it trains on exactly as its twin that never warmed up
+        arm.step(), twin.step()
+    assert arm.pop_losses() == twin.pop_losses()
+    assert_same(weights(arm.model), weights(twin.model))
+
+
+def test_a_graphed_arm_whose_capture_fails_steps_eagerly_and_says_why(caplog):
+    arm, twin = make_arm(), make_arm()
+    arm.graphed = True  # as if on CUDA; the capture fails the way a refused capture would
+
+    def refuse():
+        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+    arm._capture_graphs = refuse
+    with caplog.at_level("WARNING"):
+        for _ in range(2):
+            arm.step(), twin.step()
+    assert not arm.graphed and arm.graph_error == "RuntimeError: operation not permitted when stream is capturing"
+    assert "steps eagerly" in caplog.text
+    assert arm.pop_losses() == twin.pop_losses()

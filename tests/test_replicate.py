@@ -60,3 +60,24 @@ def test_gpu_run_dry_run_trains_and_scores_every_arm_and_resumes(tmp_path):
     # a rerun finds everything done: no new rows
     again = _run(tmp_path)
     assert len(again) == len(rows)
+
+
+def test_every_attention_path_the_gpu_check_covers_builds_and_steps_on_the_cpu():
+    import numpy as np
+    import torch
+    from ledit_convert.fastloop import Arm, ArmConfig, DeviceData
+    from ledit_convert.model import LEDiTTransformer2DModel
+    images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    data = DeviceData(images, np.arange(8) % 4, "cpu")
+    kinds = set()
+    for overrides in replicate.CHECKED_PATHS.values():
+        cfg = dict(replicate.MODEL, **replicate.SCALES["smoke"]["model"], **overrides)
+        if cfg.get("attention_layout") == "alternate":
+            cfg["attention_layout"] = ["self", "causal"] * (cfg["num_layers"] // 2)
+        model = LEDiTTransformer2DModel(**cfg)
+        kinds.add((model.config.position_encoding, model.config.causal_scan if cfg.get("attention_layout") else None))
+        arm = Arm(model, data, ArmConfig(batch=2, lr=1e-3))
+        arm.step()
+        assert np.isfinite(arm.pop_losses())
+    # the arms' paths: the table without masks, is_causal (scan a), and the boolean mask of the 2D scans
+    assert kinds == {("sincos", None), ("none", "one_dimension"), ("none", "mask_lower_right_corner")}
