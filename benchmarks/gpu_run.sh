@@ -3,8 +3,9 @@
 # Everything worth keeping lands in $OUT as it is made (at most 8 files, none over 16 MiB):
 #   machine.txt  check.log  replicate.log  rows.jsonl  results.md  report.tgz  best-ledit.tgz  shapes-dit-base.pt
 #   OUT=/tmp/gpu-out bash benchmarks/gpu_run.sh                               # on the GPU machine (9 minutes)
-#   OUT=/tmp/gpu-dry SCALE=smoke DEVICE=cpu BUDGET=120 bash benchmarks/gpu_run.sh   # a dry run of the script itself
-# Carried: .gpu/inception_fp16.pt (the FID network stored in fp16 to fit a call's carry limit; run in fp32).
+#   OUT=/tmp/gpu-dry SCALE=smoke DEVICE=cpu EVAL_RESERVE=0 bash benchmarks/gpu_run.sh   # a dry run of the script
+# Carried: .gpu/inception_fp16.pt (the FID network stored in fp16 to fit a call's carry limit; run in fp32) and
+# .whl/ (diffusers, which the H200 image lacks; see gpu_env.sh).
 set -u
 OUT=${OUT:-gpu-out}
 SCALE=${SCALE:-evidence}
@@ -12,7 +13,7 @@ DEVICE=${DEVICE:-cuda}
 BUDGET=${BUDGET:-540}          # seconds for the whole script
 EVAL_RESERVE=${EVAL_RESERVE:-150}  # seconds kept for scoring after the last training step
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+. "$(dirname "$0")/gpu_env.sh"  # carried diffusers wheels where the image lacks them; this tree on the path
 start=$(date +%s)
 left() { echo $((BUDGET - ($(date +%s) - start))); }
 {

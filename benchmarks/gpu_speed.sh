@@ -10,14 +10,9 @@ OUT=${OUT:-gpu-out}
 DEVICE=${DEVICE:-cuda}
 BUDGET=${BUDGET:-540}  # seconds for the whole script
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
 start=$(date +%s)
 left() { echo $((BUDGET - ($(date +%s) - start))); }
-# a GPU machine without diffusers: install the carried wheels beside the tree (no network there)
-if ! python3 -c "import diffusers" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+. "$(dirname "$0")/gpu_env.sh"  # carried diffusers wheels where the image lacks them; this tree on the path
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || lscpu | head -20
   python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
 } > "$OUT/machine.txt" 2>&1
