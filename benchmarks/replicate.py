@@ -12,8 +12,8 @@ causes of LEDiT losing at short budgets, in priority order:
      control), NoPE, NoPE + causal, NoPE + conv, LEDiT, the scan ablation (a, b, c, d in both readings) and
      LEDiT with the token norm matched at surgery; every arm with the same LR schedule and EMA half-life;
   2. the budget sweep: LEDiT and the DiT trained further go on to 32x the first sweep point, evaluated at each
-     (FID, structure, held-out loss and the position probe, EMA and raw weights);
-  3. the second seed of the headline arms, and LEDiT from scratch as specified and refined.
+     (FID, structure, held-out loss and the position probe, EMA and raw weights), with the second seed of the
+     headline arms and LEDiT from scratch (as specified and refined) training alongside.
 Every evaluation scores EMA weights at every size and raw weights at the base size and 2x. Rows go to
 rows.jsonl as they are made; a rerun continues where a run stopped (arms resume from their saved state);
 --deadline stops training in time to evaluate and publish; --publish refreshes a folder of at most 8 files
@@ -440,40 +440,48 @@ def phase_baselines(exp: Experiment) -> None:
     exp.score(base, "upscale", 0, 0, "ema", RESOLUTIONS[1:], images_at=upscaled)
 
 
-def train_and_score(exp: Experiment, arms: dict, points, final: int, title: str, sweep=()) -> None:
-    """Train the arms point by point; at each point score the sweep arms (base size and 2x), at `final` every arm
-    at every size. Past the deadline, every arm is scored where it stopped, and nothing more is trained."""
+def train_and_score(exp: Experiment, plan: dict, title: str) -> None:
+    """Train several arms together, each to its own final budget: plan maps (name, seed) to (arm, scoring points,
+    final). At a point an arm scores at the base size and 2x, at its final budget at every size. Arms whose final
+    budget is passed drop out, so short runs finish first while the long ones go on. Past the deadline every
+    arm still in training is scored where it stopped, and nothing more is trained."""
     batch = exp.cfg["batch"]
-    for point in points:
-        reached = exp.train_to(arms, point, title)
-        for (name, seed), arm in arms.items():
+    for point in sorted({p for _, points, _ in plan.values() for p in points}):
+        active = {key: arm for key, (arm, _, final) in plan.items() if final >= point}
+        reached = exp.train_to(active, point, title)
+        for (name, seed), arm in active.items():
+            _, points, final = plan[(name, seed)]
             images = point if reached else arm.step_count * batch
             if images and (point == final or not reached):
                 exp.score_arm(arm, name, seed, images)
-            elif images and name in sweep:
+            elif images and point in points:
                 exp.score_arm(arm, name, seed, images, SWEEP_RESOLUTIONS)
         exp.publish()
         if not reached:
             break
 
 
-def phase_arms(exp: Experiment, names, seed: int, budget: int, title: str, sweep=()) -> None:
-    """Train these arms together to `budget`, scoring the sweep arms at each sweep point on the way."""
-    names = [n for n in names if exp.wanted(n)]
-    if names:
-        arms = {(n, seed): exp.open_arm(n, seed) for n in names}
-        points = sorted({p for p in exp.cfg["sweep"] if p < budget} | {budget}) if sweep else [budget]
-        train_and_score(exp, arms, points, budget, title, sweep)
+def phase_first_seed(exp: Experiment) -> None:
+    """Every fine-tune arm at the first seed to the main budget, together; the sweep arms scored on the way."""
+    seed, main = exp.cfg["seeds"][0], exp.cfg["main_budget"]
+    early = [p for p in exp.cfg["sweep"] if p < main]
+    plan = {(n, seed): (exp.open_arm(n, seed), (early if n in SWEEP_ARMS else []) + [main], main)
+            for n in PHASE1 if exp.wanted(n)}
+    train_and_score(exp, plan, "arms")
 
 
-def phase_sweep(exp: Experiment) -> None:
-    """The budget sweep beyond the main budget: one long run per sweep arm, scored at every sweep point (at every
-    size at the last one)."""
-    names = [n for n in SWEEP_ARMS if exp.wanted(n)]
-    points = [p for p in exp.cfg["sweep"] if p > exp.cfg["main_budget"]]
-    if names and points:
-        arms = {(n, 0): exp.open_arm(n, 0) for n in names}
-        train_and_score(exp, arms, points, points[-1], "sweep", sweep=names)
+def phase_rest(exp: Experiment) -> None:
+    """The budget sweep beyond the main budget (one long run per sweep arm, scored at every sweep point, at every
+    size at the last), with the headline arms' other seeds and the from-scratch arms training alongside."""
+    seeds, main = exp.cfg["seeds"], exp.cfg["main_budget"]
+    later = [p for p in exp.cfg["sweep"] if p > main]
+    plan = {}
+    if later:
+        plan.update({(n, seeds[0]): (exp.open_arm(n, seeds[0]), later, later[-1]) for n in SWEEP_ARMS})
+    plan.update({(n, s): (exp.open_arm(n, s), [main], main) for s in seeds[1:] for n in PHASE3_SEEDED})
+    scratch = exp.cfg["scratch_budget"]
+    plan.update({(n, seeds[0]): (exp.open_arm(n, seeds[0]), [scratch], scratch) for n in PHASE3_SCRATCH})
+    train_and_score(exp, {k: v for k, v in plan.items() if exp.wanted(k[0])}, "sweep, seeds, scratch")
 
 
 #################################################################################
@@ -650,15 +658,12 @@ def main():
     exp.publish = lambda: publish(exp)
     exp.meta.update(device=device_name(args.device), torch=torch.__version__, model=exp.model_cfg,
                     config={k: v for k, v in exp.cfg.items() if k != "model"})
-    seeds, main_budget = exp.cfg["seeds"], exp.cfg["main_budget"]
     phases = [
         ("check", lambda: phase_check(exp)),
         ("base", lambda: phase_base(exp)),
         ("baselines", lambda: phase_baselines(exp)),
-        ("arms, seed 0", lambda: phase_arms(exp, PHASE1, seeds[0], main_budget, "arms", sweep=SWEEP_ARMS)),
-        ("budget sweep", lambda: phase_sweep(exp)),
-        ("second seed", lambda: [phase_arms(exp, PHASE3_SEEDED, s, main_budget, "seeds") for s in seeds[1:]]),
-        ("from scratch", lambda: phase_arms(exp, PHASE3_SCRATCH, seeds[0], exp.cfg["scratch_budget"], "scratch")),
+        ("every arm, first seed", lambda: phase_first_seed(exp)),
+        ("budget sweep, other seeds, from scratch", lambda: phase_rest(exp)),
     ]
     for title, run in phases:
         t0 = time.time()
