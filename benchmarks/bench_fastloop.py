@@ -19,7 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ledit_convert.data import ArrayImageDataset  # noqa: E402
-from ledit_convert.fastloop import Arm, ArmConfig, DeviceData, measure_throughput  # noqa: E402
+from ledit_convert.fastcheck import measure_throughput  # noqa: E402
+from ledit_convert.fastloop import Arm, ArmConfig, DeviceData  # noqa: E402
 from ledit_convert.model import LEDiTTransformer2DModel  # noqa: E402
 from ledit_convert.shapes import ShapesDataset  # noqa: E402
 

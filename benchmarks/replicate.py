@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ledit_convert.checkpoints import build_model, read_checkpoint  # noqa: E402
 from ledit_convert.diffusion import DiffusionSchedule  # noqa: E402
 from ledit_convert.evaluate import label, markdown_table, plot_metric, reference_from_images  # noqa: E402
-from ledit_convert.fastloop import Arm, ArmConfig, DeviceData, check_graphed_matches_eager, train_concurrently  # noqa: E402
+from ledit_convert.fastcheck import check_graphed_matches_eager  # noqa: E402
+from ledit_convert.fastloop import Arm, ArmConfig, DeviceData, train_concurrently  # noqa: E402
 from ledit_convert.model import LEDiTTransformer2DModel, sincos_position_table  # noqa: E402
 from ledit_convert.periodic import EvalPlan, heldout_loss, sample_images, score_samples  # noqa: E402
 from ledit_convert.probe import norm_matching_factor, probe_model, rescale_patch_embedding  # noqa: E402

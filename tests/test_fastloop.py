@@ -6,8 +6,8 @@ import torch
 from _tiny import randomize_
 from ledit_convert.data import ArrayImageDataset
 from ledit_convert.errors import ConfigError, DataError
-from ledit_convert.fastloop import (Arm, ArmConfig, DeviceData, compare_arms, measure_throughput,
-                                    train_concurrently)
+from ledit_convert.fastcheck import compare_arms, measure_throughput
+from ledit_convert.fastloop import Arm, ArmConfig, DeviceData, train_concurrently
 from ledit_convert.model import LEDiTTransformer2DModel
 from ledit_convert.trainstep import ema_decay, learning_rate
 

@@ -64,7 +64,6 @@ def test_gpu_run_dry_run_trains_and_scores_every_arm_and_resumes(tmp_path):
 
 def test_every_attention_path_the_gpu_check_covers_builds_and_steps_on_the_cpu():
     import numpy as np
-    import torch
     from ledit_convert.fastloop import Arm, ArmConfig, DeviceData
     from ledit_convert.model import LEDiTTransformer2DModel
     images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
