@@ -53,6 +53,13 @@ class EvalPlan:
             if name not in known:
                 p.append(f"best_metric {self.best_metric!r}: expected one of {sorted(known)}"
                          + ("@RES" if res else " (or METRIC@RES for a sampled metric)"))
+                return p
+            needs = "heldout_loss" if not res else "structure" if name.endswith("object_rate") else "fid"
+            if needs not in self.metrics:
+                p.append(f"best_metric {self.best_metric!r} needs eval metric {needs}")
+            if res and not any(metric_key(name, r) == self.best_metric for r in self.resolutions):
+                p.append(f"best_metric {self.best_metric!r}: {res} is not one of the evaluated sizes "
+                         f"{', '.join(metric_key('', r)[1:] for r in self.resolutions)}")
         return p
 
 

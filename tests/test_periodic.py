@@ -64,6 +64,16 @@ def test_bad_schedule_and_eval_keys_are_reported_together():
     assert "'ssim'" in msg and "'best'" in msg and "fdi@512" in msg
 
 
+def test_best_metric_must_be_one_the_plan_produces():
+    with pytest.raises(ConfigError) as e:
+        load_recipe(None, dict(resolution=32, eval_metrics=["structure"], best_metric="fid@64"))
+    assert "needs eval metric fid" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_recipe(None, dict(resolution=32, eval_metrics=["structure"], best_metric="object_rate@128"))
+    assert "128 is not one of the evaluated sizes 32, 64" in str(e.value)
+    assert load_recipe(None, dict(resolution=32, eval_metrics=["structure"], best_metric="object_rate@64"))
+
+
 def test_metric_direction_and_keys():
     assert metric_key("fid", (64, 64)) == "fid@64" and metric_key("fid", (48, 64)) == "fid@48x64"
     assert better("fid@64", 10.0, 12.0) and not better("fid@64", 13.0, 12.0)
