@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -177,7 +178,7 @@ def setup(model_dir: str, data, recipe: Recipe, output_dir: str, resume: Optiona
         num_workers=recipe.num_workers, pin_memory=accelerator.device.type == "cuda", drop_last=True,
         persistent_workers=recipe.num_workers > 0,
         generator=torch.Generator().manual_seed(recipe.seed))  # keeps worker seeding off the global RNG stream
-    if accelerator.is_main_process and recipe.eval_every:
+    if recipe.eval_every:  # every process samples its shard; the main one scores
         run.evaluator = _build_evaluator(run, heldout if heldout is not None else recipe.eval_heldout)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -191,17 +192,24 @@ def _build_evaluator(run: Run, heldout):
     """The recipe's evaluation plan with its FID references, decoder and held-out inputs loaded once."""
     from .evaluate import parse_references, reference_from_path
     from .periodic import PeriodicEvaluator
-    recipe, device = run.recipe, run.accelerator.device
+    acc, recipe = run.accelerator, run.recipe
     plan = recipe.eval_plan()
-    extractor = None
-    if "fid" in plan.metrics:
-        from .fid import InceptionFeatures
-        extractor = InceptionFeatures(recipe.inception_weights, device=device)
-        paths = parse_references(recipe.eval_references, plan.resolutions)
-        plan.references = {res: reference_from_path(paths[res], extractor) for res in plan.resolutions}
-    held = _heldout_inputs(run, heldout) if "heldout_loss" in plan.metrics and heldout is not None else None
+    extractor, held = None, None
+    paths = parse_references(recipe.eval_references, plan.resolutions) if "fid" in plan.metrics else {}
+    if acc.is_main_process:  # references, the FID network and held-out inputs serve the scoring, on main
+        if paths:
+            from .fid import InceptionFeatures
+            extractor = InceptionFeatures(recipe.inception_weights, device=acc.device)
+            plan.references = {res: reference_from_path(paths[res], extractor) for res in plan.resolutions}
+        if "heldout_loss" in plan.metrics and heldout is not None:
+            held = _heldout_inputs(run, heldout)
+
+    def gather(images):
+        from accelerate.utils import gather_object
+        return np.concatenate(gather_object([images])) if acc.num_processes > 1 else images
     return PeriodicEvaluator(plan, run.output_dir, vae=_decoder(run), extractor=extractor, heldout=held,
-                             schedule=run.schedule, log=run.accelerator.log)
+                             schedule=run.schedule, log=acc.log, start_step=run.step, rank=acc.process_index,
+                             world=acc.num_processes, gather=gather)
 
 
 def _heldout_inputs(run: Run, heldout):
@@ -409,10 +417,12 @@ def export_ema(run: Run, summary: Dict) -> Path:
 
 
 def evaluate_now(run: Run) -> List[Dict]:
-    """The periodic evaluation at this step (main process; the others wait); new best EMA weights go to best/."""
+    """The periodic evaluation at this step (every process samples its shard, the main one scores); new best EMA
+    weights go to best/."""
     rows: List[Dict] = []
     if run.evaluator is not None and run.evaluator.due(run.step):
         raw = run.raw_model
+
         def on_best(row):
             _write_ema_folder(run, run.output_dir / "best", {"evaluation": row})
             run.evaluator.write_best()

@@ -8,6 +8,7 @@ chosen metric are exported as a model folder. A resumed run reads `eval.jsonl` b
 restarts. Both training loops use it: `finetune` and `fastloop`.
 """
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,15 +113,24 @@ def heldout_loss(model, schedule, x0: torch.Tensor, labels: torch.Tensor, seed: 
     return out
 
 
-def sample_images(model, res: Resolution, n: int, plan: EvalPlan, vae=None, position_mode=None) -> np.ndarray:
-    """n class-balanced uint8 NHWC samples at `res` with per-image seeds (the same at every evaluation);
-    `position_mode` chooses how a sin/cos model meets a new size."""
+def shard_bounds(n: int, rank: int, world: int) -> Tuple[int, int]:
+    """The contiguous slice [lo, hi) of n items that process `rank` of `world` takes."""
+    return n * rank // world, n * (rank + 1) // world
+
+
+def sample_images(model, res: Resolution, n: int, plan: EvalPlan, vae=None, position_mode=None,
+                  rank: int = 0, world: int = 1) -> np.ndarray:
+    """n class-balanced uint8 NHWC samples at `res` with per-image seeds (the same at every evaluation), or this
+    process's contiguous shard of them; `position_mode` chooses how a sin/cos model meets a new size."""
     from .pipeline import LEDiTPipeline, default_scheduler
     from .sampling import plan_labels, sample_array
+    lo, hi = shard_bounds(n, rank, world)
+    labels = plan_labels(n, None, model.config.num_classes)[lo:hi]
+    if not labels:
+        return np.zeros((0, res[0], res[1], 3), np.uint8)
     pipe = LEDiTPipeline(transformer=model, vae=vae, scheduler=default_scheduler("ddpm"))
     pipe.set_progress_bar_config(disable=True)
-    labels = plan_labels(n, None, model.config.num_classes)
-    return sample_array(pipe, labels, plan.seed, plan.batch_size, height=res[0], width=res[1],
+    return sample_array(pipe, labels, plan.seed, plan.batch_size, offset=lo, height=res[0], width=res[1],
                         num_inference_steps=plan.steps, guidance_scale=plan.cfg,
                         guidance_channels=3 if vae is not None else None, position_mode=position_mode)
 
@@ -145,19 +155,28 @@ def score_samples(images: np.ndarray, res: Resolution, plan: EvalPlan, extractor
 #################################################################################
 
 class PeriodicEvaluator:
-    """Runs an EvalPlan at its steps, appends rows to eval.jsonl, logs them, and exports the best weights."""
+    """Runs an EvalPlan at its steps, appends rows to eval.jsonl, logs them, and exports the best weights.
+
+    With several processes (`rank`, `world`, and `gather`, which concatenates every process's array in rank
+    order), each samples a contiguous shard of the images with the seeds an unsplit run would use; the main
+    process scores, writes and logs. `start_step` is the step a run resumed from: rows written after it (by a
+    run that stopped before its next checkpoint) are dropped, since those steps are trained and scored again."""
 
     def __init__(self, plan: EvalPlan, out_dir, *, vae=None, extractor=None, heldout=None, schedule=None,
-                 log: Optional[Callable[[Dict, int], None]] = None):
+                 log: Optional[Callable[[Dict, int], None]] = None, start_step: int = 0, rank: int = 0,
+                 world: int = 1, gather: Optional[Callable[[np.ndarray], np.ndarray]] = None):
+        self.rank, self.world, self.start_step = rank, world, start_step
+        self.gather = gather or (lambda images: images)
+        self.is_main = rank == 0
         problems = plan.problems()
-        if "fid" in plan.metrics:
+        if "fid" in plan.metrics and self.is_main:
             missing = [metric_key("", r)[1:] for r in plan.resolutions if r not in plan.references]
             if missing:
                 problems.append(f"eval metric fid needs a reference for {', '.join(missing)}")
             if extractor is None:
                 from .fid import InceptionFeatures
                 extractor = InceptionFeatures()
-        if "heldout_loss" in plan.metrics and heldout is None:
+        if "heldout_loss" in plan.metrics and heldout is None and self.is_main:
             problems.append("eval metric heldout_loss needs held-out data (eval_heldout)")
         if problems:
             raise ConfigError("evaluation: " + "; ".join(problems))
@@ -170,14 +189,19 @@ class PeriodicEvaluator:
         self.path = self.out_dir / "eval.jsonl"
         self.rows: List[Dict] = []
         self.best: Optional[Dict] = None
-        if self.path.exists():  # a resumed run: earlier rows and the best so far
-            for line in self.path.read_text().splitlines():
-                if line.strip():
-                    self._remember(json.loads(line))
+        if self.is_main and self.path.exists():  # a resumed run: earlier rows and the best so far
+            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            kept = [r for r in rows if r["step"] <= start_step]
+            if len(kept) < len(rows):
+                tmp = self.path.with_name(f".{self.path.name}.tmp")
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+                os.replace(tmp, self.path)
+            for row in kept:
+                self._remember(row)
 
     def due(self, step: int) -> bool:
-        """Whether `step` is an evaluation step not yet evaluated."""
-        return bool(self.plan.every) and step % self.plan.every == 0 and not any(r["step"] == step for r in self.rows)
+        """Whether `step` is an evaluation step this run has not evaluated (the same answer on every process)."""
+        return bool(self.plan.every) and step % self.plan.every == 0 and step > self.start_step
 
     def _remember(self, row: Dict) -> bool:
         self.rows.append(row)
@@ -191,7 +215,8 @@ class PeriodicEvaluator:
 
     def evaluate(self, step: int, models: Dict[str, torch.nn.Module], images_seen: int,
                  on_best: Optional[Callable[[Dict], None]] = None) -> List[Dict]:
-        """Score each of `models` ({"ema": ..., "raw": ...}, those in plan.weights); one row per weights."""
+        """Score each of `models` ({"ema": ..., "raw": ...}, those in plan.weights); one row per weights (on the
+        main process; every process must call this, as each samples its shard)."""
         rows = []
         for weights in self.plan.weights:
             model = models[weights]
@@ -200,13 +225,18 @@ class PeriodicEvaluator:
             was_training = model.training
             model.eval()
             try:
-                if "heldout_loss" in self.plan.metrics:
+                if "heldout_loss" in self.plan.metrics and self.is_main:
                     row.update(heldout_loss(model, self.schedule, *self.heldout, seed=self.plan.seed))
                 for res in self.plan.resolutions if set(self.plan.metrics) - {"heldout_loss"} else []:
-                    images = sample_images(model, res, self.plan.samples, self.plan, self.vae)
-                    row.update(score_samples(images, res, self.plan, self.extractor))
+                    shard = sample_images(model, res, self.plan.samples, self.plan, self.vae, rank=self.rank,
+                                          world=self.world)
+                    images = self.gather(shard)
+                    if self.is_main:
+                        row.update(score_samples(images, res, self.plan, self.extractor))
             finally:
                 model.train(was_training)
+            if not self.is_main:
+                continue
             row["seconds"] = time.perf_counter() - t0
             self.out_dir.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a") as f:

@@ -228,8 +228,9 @@ def image_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0])
 
 
-def iter_samples(pipe: LEDiTPipeline, labels: List[int], seed: int, batch_size: int, **call):
-    """Yield (start index, NHWC uint8 images, labels) batch by batch; image i always uses seed (seed, i).
+def iter_samples(pipe: LEDiTPipeline, labels: List[int], seed: int, batch_size: int, offset: int = 0, **call):
+    """Yield (start index, NHWC uint8 images, labels) batch by batch; image i always uses seed (seed, offset + i),
+    so a run split into shards (`offset` = where a shard starts) draws the images an unsplit run would.
 
     With compiled transformer blocks, the first batch is where compilation happens: if it fails, the blocks go
     back to eager with a warning and the batch is redone (the per-image seeds make it the same batch)."""
@@ -237,7 +238,7 @@ def iter_samples(pipe: LEDiTPipeline, labels: List[int], seed: int, batch_size: 
         batch_labels = labels[start:start + batch_size]
 
         def images():
-            generators = [torch.Generator("cpu").manual_seed(image_seed(seed, start + i))
+            generators = [torch.Generator("cpu").manual_seed(image_seed(seed, offset + start + i))
                           for i in range(len(batch_labels))]
             return to_uint8(pipe(batch_labels, generator=generators, output_type="pt", **call).images)
         if start == 0 and is_compiled(pipe.transformer):
@@ -254,10 +255,10 @@ def iter_samples(pipe: LEDiTPipeline, labels: List[int], seed: int, batch_size: 
 
 
 def sample_array(pipe: LEDiTPipeline, labels: List[int], seed: int, batch_size: int,
-                 progress: Optional[Callable[[int, int], None]] = None, **call) -> np.ndarray:
+                 progress: Optional[Callable[[int, int], None]] = None, offset: int = 0, **call) -> np.ndarray:
     """Every sample of `iter_samples` as one NHWC uint8 array; `progress(done, total)` after each batch."""
     out = []
-    for start, images, _ in iter_samples(pipe, labels, seed, batch_size, **call):
+    for start, images, _ in iter_samples(pipe, labels, seed, batch_size, offset, **call):
         out.append(images)
         if progress is not None:
             progress(start + len(images), len(labels))

@@ -196,3 +196,49 @@ def test_cli_finetune_evaluates_held_out_images_from_a_folder_and_names_the_best
     assert [r["step"] for r in rows] == [2, 4] and all(r["heldout_loss"] > 0 for r in rows)
     best = min(rows, key=lambda r: r["heldout_loss"])
     assert f"best heldout_loss {best['heldout_loss']:.4g} at step {best['step']}" in result.output
+
+
+def test_shards_of_the_samples_are_the_unsplit_samples():
+    from ledit_convert.periodic import sample_images, shard_bounds
+    model = _tiny_model()
+    plan = EvalPlan(every=1, resolutions=[(8, 8)], samples=5, steps=2, batch_size=2)
+    whole = sample_images(model, (16, 8), 5, plan)
+    parts = [sample_images(model, (16, 8), 5, plan, rank=r, world=3) for r in range(3)]
+    assert [len(p) for p in parts] == [hi - lo for lo, hi in (shard_bounds(5, r, 3) for r in range(3))] == [1, 2, 2]
+    assert np.array_equal(np.concatenate(parts), whole)
+    assert sample_images(model, (8, 8), 1, plan, rank=0, world=2).shape == (0, 8, 8, 3)  # an empty shard
+
+
+def test_two_processes_evaluate_their_shards_and_the_main_one_writes(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+    model, imgs = make_model(tmp_path / "model"), make_images(tmp_path / "imgs")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(dict(BASE, steps=4, eval_every=2, eval_samples=5, eval_steps=2,
+                                          eval_batch_size=2, eval_metrics=["structure", "heldout_loss"],
+                                          eval_heldout=str(imgs), eval_heldout_items=4, eval_resolutions=["8"],
+                                          best_metric="heldout_loss", checkpoint_every=2)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "ledit_convert.cli", "finetune", str(model), "--data", str(imgs), "--recipe", str(recipe),
+           "--output-dir", str(tmp_path / "run")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "run/eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4]  # one row per step: only the main process writes
+    assert all(0 <= r["object_rate@8"] <= 1 and r["heldout_loss"] > 0 for r in rows)
+    assert (tmp_path / "run/best/config.json").exists()
+
+
+def test_a_resumed_run_drops_rows_written_after_its_checkpoint(tmp_path):
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps({"step": s, "weights": "ema", "heldout_loss": 1.0 / s})
+                                                 + "\n" for s in (2, 4, 6)))
+    plan = EvalPlan(every=2, resolutions=[(8, 8)], metrics=["heldout_loss"], best_metric="heldout_loss")
+    ev = PeriodicEvaluator(plan, tmp_path, heldout=(torch.zeros(1, 3, 8, 8), torch.zeros(1, dtype=torch.long)),
+                           start_step=4)
+    assert [r["step"] for r in ev.rows] == [2, 4] and ev.best["step"] == 4
+    assert [json.loads(x)["step"] for x in (tmp_path / "eval.jsonl").read_text().splitlines()] == [2, 4]
+    assert not ev.due(4) and ev.due(6) and not ev.due(5)
