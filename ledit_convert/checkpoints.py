@@ -1,10 +1,12 @@
 """Checkpoint readers: the only module that knows file formats.
 
-Every reader returns a `SourceCheckpoint` whose state dict uses the key names of
-`LEDiTTransformer2DModel` (which are facebookresearch DiT's, minus `pos_embed`) and whose config
-reproduces the source model's own numerics.
+Every reader returns a `SourceCheckpoint` whose state dict uses the key names of its model class,
+`LEDiTTransformer2DModel` for DiTs (facebookresearch DiT's names, minus `pos_embed`) or
+`LEDiTPixArtTransformer2DModel` for PixArt (diffusers' names), and whose config reproduces the source
+model's own numerics.
 """
 import argparse
+import inspect
 import json
 import pickle
 import re
@@ -17,12 +19,17 @@ import torch
 
 from .errors import CheckpointError
 from .model import LEDiTTransformer2DModel, sincos_position_table
+from .pixart_model import LEDiTPixArtTransformer2DModel
 
 # facebookresearch DiT: heads cannot be read from the weights, so they come from the named configs.
 DIT_HEADS_BY_WIDTH = {1152: 16, 1024: 16, 768: 12, 384: 6}
 DIT_NAMES = {(28, 1152): "XL", (24, 1024): "L", (12, 768): "B", (12, 384): "S"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DIFFUSERS_DIT_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
+# PixArt-alpha's hub folders still say Transformer2DModel; norm_type "ada_norm_single" tells them apart from DiT
+DIFFUSERS_PIXART_CLASSES = ("PixArtTransformer2DModel", "Transformer2DModel")
+MODEL_CLASSES = {"dit": LEDiTTransformer2DModel, "pixart": LEDiTPixArtTransformer2DModel}  # by family
+LEDIT_CLASS_NAMES = {cls.__name__: family for family, cls in MODEL_CLASSES.items()}  # config.json _class_name
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
@@ -31,17 +38,26 @@ class SourceCheckpoint:
     """A DiT or LEDiT read from disk, in this project's key names."""
 
     path: Path
-    format: str  # "facebook-state-dict", "facebook-train-checkpoint", "facebook-safetensors", "diffusers", "ledit"
-    config: Dict  # LEDiTTransformer2DModel init kwargs
+    format: str  # "facebook-state-dict", "facebook-train-checkpoint", "facebook-safetensors", "diffusers",
+    #              "diffusers-pixart", "ledit"
+    config: Dict  # init kwargs of the family's model class (MODEL_CLASSES)
     state_dict: Dict[str, torch.Tensor]
     weights_file: Optional[Path] = None  # the file holding the tensors (hashed for provenance)
     notes: List[str] = field(default_factory=list)
+    family: str = "dit"  # "dit" (class-conditional) or "pixart" (text-to-image)
+
+    @property
+    def width(self) -> int:
+        """Token width D."""
+        c = self.config
+        return c["hidden_size"] if self.family == "dit" else c["num_attention_heads"] * c["attention_head_dim"]
 
     @property
     def variant(self) -> str:
-        """DiT variant name such as "DiT-XL/2", or "custom"."""
-        name = DIT_NAMES.get((self.config["num_layers"], self.config["hidden_size"]))
-        return f"DiT-{name}/{self.config['patch_size']}" if name else "custom"
+        """Variant name such as "DiT-XL/2" or "PixArt-XL/2", or "custom"."""
+        name = DIT_NAMES.get((self.config["num_layers"], self.width))
+        prefix = "DiT" if self.family == "dit" else "PixArt"
+        return f"{prefix}-{name}/{self.config['patch_size']}" if name else "custom"
 
     @property
     def num_parameters(self) -> int:
@@ -247,12 +263,15 @@ def _diffusers_to_ours(d: Dict[str, torch.Tensor], depth: int, path) -> Dict[str
 
 
 def read_diffusers(folder: Path) -> SourceCheckpoint:
-    """A diffusers DiTTransformer2DModel folder, or a DiTPipeline folder (its transformer/)."""
+    """A diffusers DiTTransformer2DModel or PixArtTransformer2DModel folder, or a DiT or PixArt pipeline folder
+    (its transformer/)."""
     if (folder / "model_index.json").exists() and (folder / "transformer").is_dir():
         folder = folder / "transformer"
     cfg = _read_json(folder / "config.json")
+    if cfg.get("_class_name") in DIFFUSERS_PIXART_CLASSES and cfg.get("norm_type") == "ada_norm_single":
+        return read_pixart(folder, cfg)
     if cfg.get("_class_name") not in DIFFUSERS_DIT_CLASSES:
-        _fail(folder, f"config.json describes {cfg.get('_class_name')!r}, not a DiT transformer")
+        _fail(folder, f"config.json describes {cfg.get('_class_name')!r}, not a DiT or PixArt transformer")
     if cfg.get("norm_type", "ada_norm_zero") != "ada_norm_zero" or cfg.get("patch_size") is None:
         _fail(folder, "only class-conditional DiTs (norm_type 'ada_norm_zero' with a patch_size) are supported")
     if cfg.get("activation_fn", "gelu-approximate") != "gelu-approximate":
@@ -278,13 +297,32 @@ def read_diffusers(folder: Path) -> SourceCheckpoint:
     return SourceCheckpoint(folder, "diffusers", config, sd, weights_file=weights_file, notes=notes)
 
 
+def read_pixart(folder: Path, cfg: Dict) -> SourceCheckpoint:
+    """A diffusers PixArt-alpha/Sigma transformer folder: diffusers' key names are ours, every tensor as stored."""
+    if cfg.get("activation_fn", "gelu-approximate") != "gelu-approximate":
+        _fail(folder, f"activation_fn {cfg.get('activation_fn')!r} is not PixArt's tanh GELU")
+    if cfg.get("attention_type", "default") != "default":
+        _fail(folder, f"attention_type {cfg.get('attention_type')!r} is not supported (only 'default')")
+    keys = [k for k in inspect.signature(LEDiTPixArtTransformer2DModel.__init__).parameters if k != "self"]
+    config = {k: cfg[k] for k in keys if k in cfg}  # diffusers' own keys; the legacy Transformer2DModel extras go
+    config.update(position_encoding="sincos", attention_layout=["self"] * config.get("num_layers", 28),
+                  attention_scaling="none", locality="none")
+    sd, weights_file = _read_weight_folder(folder)
+    check_against_model(sd, config, folder, family="pixart")
+    notes = ["PixArt's sin/cos table is not stored: it is recomputed per grid (interpolation_scale "
+             f"{cfg.get('interpolation_scale') or max(cfg.get('sample_size', 128) // 64, 1)})"]
+    return SourceCheckpoint(folder, "diffusers-pixart", config, sd, weights_file=weights_file, notes=notes,
+                            family="pixart")
+
+
 def read_ledit(folder: Path) -> SourceCheckpoint:
     """A folder written by this tool (surgery or fine-tuning)."""
     cfg = _read_json(folder / "config.json")
+    family = LEDIT_CLASS_NAMES.get(cfg.get("_class_name"), "dit")
     config = {k: v for k, v in cfg.items() if not k.startswith("_") and k != "auto_map"}
     sd, weights_file = _read_weight_folder(folder)
-    check_against_model(sd, config, folder)
-    return SourceCheckpoint(folder, "ledit", config, sd, weights_file=weights_file)
+    check_against_model(sd, config, folder, family=family)
+    return SourceCheckpoint(folder, "ledit", config, sd, weights_file=weights_file, family=family)
 
 
 #################################################################################
@@ -300,11 +338,11 @@ def _read_json(path: Path) -> Dict:
         _fail(path, f"not valid JSON ({e})")
 
 
-def check_against_model(sd: Dict[str, torch.Tensor], config: Dict, path) -> None:
-    """Keys and shapes must be exactly those of the model the config describes."""
+def check_against_model(sd: Dict[str, torch.Tensor], config: Dict, path, family: str = "dit") -> None:
+    """Keys and shapes must be exactly those of the model the config describes (of the family's class)."""
     try:
         with torch.device("meta"):
-            model = LEDiTTransformer2DModel(**config)
+            model = MODEL_CLASSES[family](**config)
     except (TypeError, ValueError) as e:
         _fail(path, f"inconsistent model settings ({e})")
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -342,7 +380,7 @@ def read_checkpoint(source: str, weights: str = "ema", num_heads: Optional[int] 
     path = resolve_path(source)
     if path.is_dir():
         cfg_path = path / "config.json"
-        if cfg_path.exists() and _read_json(cfg_path).get("_class_name") == "LEDiTTransformer2DModel":
+        if cfg_path.exists() and _read_json(cfg_path).get("_class_name") in LEDIT_CLASS_NAMES:
             return read_ledit(path)
         if (path / "model_index.json").exists() or cfg_path.exists():
             return read_diffusers(path)
@@ -352,10 +390,10 @@ def read_checkpoint(source: str, weights: str = "ema", num_heads: Optional[int] 
     return read_facebook(path, weights=weights, num_heads=num_heads, image_size=image_size)
 
 
-def build_model(ckpt: SourceCheckpoint) -> LEDiTTransformer2DModel:
-    """Instantiate the model a checkpoint describes with its weights loaded exactly."""
+def build_model(ckpt: SourceCheckpoint):
+    """Instantiate the model a checkpoint describes (its family's class) with its weights loaded exactly."""
     with torch.device("meta"):
-        model = LEDiTTransformer2DModel(**ckpt.config)
+        model = MODEL_CLASSES[ckpt.family](**ckpt.config)
     model.load_state_dict(ckpt.state_dict, strict=True, assign=True)
     return model.float().eval()
 
@@ -376,12 +414,19 @@ def describe(ckpt: SourceCheckpoint) -> Dict:
     """A plain summary of a checkpoint for `inspect` and the surgery report."""
     c = ckpt.config
     layout = c.get("attention_layout") or ["self"] * c["num_layers"]
+    if ckpt.family == "dit":
+        condition = {"num_classes": c["num_classes"]}
+    else:  # the defaults are diffusers' PixArt ones
+        micro = c.get("use_additional_conditions")
+        condition = {"caption_channels": c.get("caption_channels"),
+                     "micro_conditions": c.get("sample_size", 128) == 128 if micro is None else micro}
+    out_channels = c.get("out_channels") or c["in_channels"]
     return {
         "path": str(ckpt.path), "format": ckpt.format, "variant": ckpt.variant,
-        "parameters": ckpt.num_parameters, "hidden_size": c["hidden_size"], "layers": c["num_layers"],
+        "parameters": ckpt.num_parameters, "hidden_size": ckpt.width, "layers": c["num_layers"],
         "heads": c["num_attention_heads"], "patch_size": c["patch_size"], "sample_size": c["sample_size"],
-        "in_channels": c["in_channels"], "out_channels": c["out_channels"], "num_classes": c["num_classes"],
-        "learn_sigma": c["out_channels"] == 2 * c["in_channels"],
+        "in_channels": c["in_channels"], "out_channels": out_channels, **condition,
+        "learn_sigma": out_channels == 2 * c["in_channels"],
         "position_encoding": c.get("position_encoding", "none"),
         "causal_blocks": [i for i, k in enumerate(layout) if k == "causal"],
         "causal_scan": c.get("causal_scan", "mask_lower_right_corner"),
@@ -390,4 +435,4 @@ def describe(ckpt: SourceCheckpoint) -> Dict:
 
 
 __all__ = ["SourceCheckpoint", "read_checkpoint", "build_model", "describe", "sha256_of", "torch_load_safely",
-           "check_against_model", "resolve_path", "DIT_HEADS_BY_WIDTH"]
+           "check_against_model", "resolve_path", "DIT_HEADS_BY_WIDTH", "MODEL_CLASSES"]

@@ -94,7 +94,8 @@ def demo(
 @app.command(epilog="Example: ledit-convert surgery DiT-XL-2-256x256.pt -o ledit-xl-2-256")
 @reported
 def surgery(
-    source: str = typer.Argument(..., help="DiT checkpoint: .pt/.safetensors file, diffusers folder, or hub id."),
+    source: str = typer.Argument(..., help="DiT checkpoint (.pt/.safetensors file, diffusers folder, or hub id) "
+                                 "or a diffusers PixArt transformer or pipeline folder."),
     output: Path = typer.Option(..., "-o", "--output", help="Folder to write the LEDiT model to."),
     causal_layers: str = typer.Option("alternate", help="alternate | all | none | comma list of block indices."),
     scan: str = typer.Option("mask_lower_right_corner", help=f"Causal scan: {' | '.join(CAUSAL_SCANS)} "

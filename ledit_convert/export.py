@@ -11,9 +11,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Union
 import torch
 
 from . import __version__
-from .checkpoints import WEIGHT_FILES
+from .checkpoints import MODEL_CLASSES, WEIGHT_FILES
 from .errors import OutputExistsError
-from .model import LEDiTTransformer2DModel, add_remote_code
 
 WEIGHTS_FILE = WEIGHT_FILES[0]
 
@@ -52,10 +51,11 @@ def write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def model_config_json(config: Dict) -> Dict:
-    """The config.json diffusers writes for this config (built on the meta device: no weights allocated)."""
+def model_config_json(config: Dict, family: str = "dit") -> Dict:
+    """The config.json diffusers writes for this config of the family's model class (built on the meta device: no
+    weights allocated)."""
     with torch.device("meta"):
-        model = LEDiTTransformer2DModel(**config)
+        model = MODEL_CLASSES[family](**config)
     return json.loads(model.to_json_string())
 
 
@@ -66,20 +66,21 @@ def save_weights(state_dict: Dict[str, torch.Tensor], path: Path) -> None:
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 
-def model_card(summary: Dict, changes: List[str]) -> str:
+def model_card(summary: Dict, changes: List[str], family: str = "dit") -> str:
     """A short README.md for the output folder."""
+    kind, tag = ("class-conditional", "dit") if family == "dit" else ("text-to-image (PixArt)", "pixart")
     lines = [
-        "---", "library_name: diffusers", "tags: [ledit, dit, class-conditional, image-generation]", "---", "",
+        "---", "library_name: diffusers", f"tags: [ledit, {tag}, {kind.split()[0]}, image-generation]", "---", "",
         f"# {summary.get('variant', 'DiT')} converted to LEDiT",
         "",
-        "A class-conditional diffusion transformer converted by ledit-convert "
+        f"A {kind} diffusion transformer converted by ledit-convert "
         f"{__version__} from `{summary.get('path')}` ({summary.get('format')}).",
         "",
         "Changes:",
         *[f"- {c}" for c in changes],
         "",
-        "The locality conv starts at zero: fine-tune (`ledit-convert finetune`) before expecting quality at new "
-        "resolutions.",
+        "The locality conv starts at zero: fine-tune"
+        + (" (`ledit-convert finetune`)" if family == "dit" else "") + " before expecting quality at new resolutions.",
         "",
         "```python",
         "from diffusers import AutoModel",
@@ -92,15 +93,16 @@ def model_card(summary: Dict, changes: List[str]) -> str:
 
 def write_model_folder(out: Path, config: Dict, state_dict: Dict[str, torch.Tensor], *, overwrite: bool,
                        provenance: Union[Dict, Callable[[], Dict], None] = None, card: Optional[str] = None,
-                       extra_files: Optional[Dict[str, str]] = None) -> Path:
-    """Write config.json, weights, model code, provenance and card into `out`, atomically. `provenance` may be a
-    function, called once the weights are written, so slow inputs to it (a source hash) can run alongside."""
+                       extra_files: Optional[Dict[str, str]] = None, family: str = "dit") -> Path:
+    """Write config.json, weights, model code, provenance and card into `out`, atomically, for a model of the
+    family's class ("dit" or "pixart"). `provenance` may be a function, called once the weights are written, so slow
+    inputs to it (a source hash) can run alongside."""
     out = Path(out)
-    config_json = model_config_json(config)
+    config_json = model_config_json(config, family)
     with atomic_folder(out, overwrite) as tmp:
         save_weights(state_dict, tmp / WEIGHTS_FILE)
         write_json_atomic(tmp / "config.json", config_json)
-        add_remote_code(tmp)
+        MODEL_CLASSES[family].write_remote_code(tmp)
         if provenance is not None:
             write_json_atomic(tmp / "provenance.json", provenance() if callable(provenance) else provenance)
         if card is not None:

@@ -11,6 +11,7 @@ import functools
 import json
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -34,18 +35,32 @@ ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "math")
 REMOTE_CODE_FILE = "modeling_ledit.py"  # this file, as it is copied beside saved weights
 
 
-def add_remote_code(folder) -> None:
-    """Copy this file beside a saved model and point config.json's auto_map at it (diffusers AutoModel)."""
+_MODEL_IMPORT = re.compile(r"^from \.(?:model|modeling_ledit) import", re.MULTILINE)
+
+
+def add_remote_code(folder, class_name: str = "LEDiTTransformer2DModel", model_file=None,
+                    file_name: str = REMOTE_CODE_FILE) -> None:
+    """Copy this file beside a saved model and point config.json's auto_map at `class_name` (diffusers AutoModel).
+
+    A model defined in another file (`model_file`, which imports this one) is copied too, as `file_name`, with its
+    `from .model import` rewritten to import this file's copy."""
     folder = Path(folder)
     target = folder / REMOTE_CODE_FILE
     if not (target.exists() and os.path.samefile(__file__, target)):
         shutil.copyfile(__file__, target)
+    if model_file is not None:
+        code = _MODEL_IMPORT.sub(f"from .{Path(REMOTE_CODE_FILE).stem} import", Path(model_file).read_text())
+        _replace_text(folder / file_name, code)
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())
-    config["auto_map"] = {"AutoModel": f"{Path(REMOTE_CODE_FILE).stem}.LEDiTTransformer2DModel"}
-    tmp = config_path.with_name(".config.json.tmp")
-    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, config_path)
+    config["auto_map"] = {"AutoModel": f"{Path(file_name).stem}.{class_name}"}
+    _replace_text(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _replace_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 #################################################################################
@@ -158,6 +173,21 @@ def attend(q, k, v, causal_scan: Optional[str], scale: float, backend: str, mask
             return flex_attention(q, k, v, block_mask=mask, scale=scale)
         return _compiled_flex_attention()(q, k, v, block_mask=mask, scale=scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def log_scaling_factor(num_tokens: int, train_tokens: int, scaling: str) -> float:
+    """sqrt(ln N / ln N_train) for "log" scaling, else 1 (also 1 at the training token count)."""
+    if scaling == "none" or train_tokens <= 1 or num_tokens == train_tokens:
+        return 1.0
+    return math.sqrt(math.log(num_tokens) / math.log(train_tokens))
+
+
+def unpatchify(x, height: int, width: int, patch_size: int, channels: int):
+    """(B, h*w, p*p*C) tokens -> (B, C, h*p, w*p) image, from an explicit token grid."""
+    p, c = patch_size, channels
+    x = x.reshape(x.shape[0], height, width, p, p, c)
+    x = torch.einsum("nhwpqc->nchpwq", x)
+    return x.reshape(x.shape[0], c, height * p, width * p)
 
 
 def modulate(x, shift, scale):
@@ -317,7 +347,43 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2).contiguous()
 
 
-class LEDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
+class LEDiTModelMixin:
+    """What the LEDiT model classes share: a save that reloads without this package, the attention backend switch,
+    logit scaling and the causal blocks' mask lookup. Each class names its own code in `write_remote_code`."""
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        """Drop the AutoModel remote-code pointer, which is for diffusers' loader, not for __init__."""
+        config_dict = {k: v for k, v in config_dict.items() if k != "auto_map"}
+        return super().extract_init_dict(config_dict, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """diffusers' save, plus the model code and the auto_map entry, so the folder reloads without ledit_convert."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        self.write_remote_code(save_directory)
+
+    def set_attention_backend(self, backend: str):
+        """Choose how attention is computed: "auto", "sdpa", "flex" (CUDA) or "math" (reference)."""
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {backend!r}; expected one of {ATTENTION_BACKENDS}")
+        self.attention_backend = backend
+
+    def logit_factor(self, num_tokens: int, scaling: str) -> float:
+        """sqrt(ln N / ln N_train) for "log" scaling, else 1."""
+        return log_scaling_factor(num_tokens, (self.config.sample_size // self.config.patch_size) ** 2, scaling)
+
+    def _causal_inputs(self, grid, device, to_self: bool, any_causal: bool, dilation=None):
+        """The causal blocks' concrete attention backend and cached mask, and the locality conv's dilation (drawn
+        unless the caller fixed it); called from each model's eager (uncompiled) prelude."""
+        scan = None if to_self else self.config.causal_scan
+        backend = resolve_backend(self.attention_backend, scan, torch.device(device).type)
+        mask = attention_mask(scan, grid, device, backend) if any_causal else None
+        if dilation is None:
+            dilation = self.locality_conv.sample_dilation() if self.locality_conv is not None else 1
+        return backend, mask, dilation
+
+
+class LEDiTTransformer2DModel(LEDiTModelMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
     r"""
     A class-conditional diffusion transformer in DiT mode (sin/cos positions, self-attention) or LEDiT mode
     (no positional encoding, causal blocks, locality conv). Any latent height and width divisible by the patch
@@ -414,16 +480,10 @@ class LEDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.final_layer = FinalLayer(hidden_size, patch_size, out_channels)
         self.initialize_weights()
 
-    @classmethod
-    def extract_init_dict(cls, config_dict, **kwargs):
-        """Drop the AutoModel remote-code pointer, which is for diffusers' loader, not for __init__."""
-        config_dict = {k: v for k, v in config_dict.items() if k != "auto_map"}
-        return super().extract_init_dict(config_dict, **kwargs)
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """diffusers' save, plus this file and the auto_map entry, so the folder reloads without ledit_convert."""
-        super().save_pretrained(save_directory, *args, **kwargs)
-        add_remote_code(save_directory)
+    @staticmethod
+    def write_remote_code(folder) -> None:
+        """This model's code and its auto_map entry in a saved folder."""
+        add_remote_code(folder)
 
     def initialize_weights(self):
         """DiT's init for a model trained from scratch; conversion overwrites all but the locality conv."""
@@ -450,12 +510,6 @@ class LEDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             nn.init.zeros_(self.locality_conv.conv.weight)
             nn.init.zeros_(self.locality_conv.conv.bias)
 
-    def set_attention_backend(self, backend: str):
-        """Choose how attention is computed: "auto", "sdpa", "flex" (CUDA) or "math" (reference)."""
-        if backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"unknown attention backend {backend!r}; expected one of {ATTENTION_BACKENDS}")
-        self.attention_backend = backend
-
     def position_table(self, height: int, width: int, mode: str, device, dtype) -> torch.Tensor:
         """The sin/cos table for an h x w token grid, cached per grid, mode, device and dtype."""
         key = (height, width, mode, str(device), dtype)
@@ -465,13 +519,6 @@ class LEDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             self._position_cache[key] = table.to(dtype=torch.float32).to(device=device, dtype=dtype)[None]
         return self._position_cache[key]
 
-    def logit_factor(self, num_tokens: int, scaling: str) -> float:
-        """sqrt(ln N / ln N_train) for "log" scaling, else 1."""
-        train_tokens = (self.config.sample_size // self.config.patch_size) ** 2
-        if scaling == "none" or train_tokens <= 1 or num_tokens == train_tokens:
-            return 1.0
-        return math.sqrt(math.log(num_tokens) / math.log(train_tokens))
-
     @torch.compiler.disable
     def _eager_inputs(self, grid, device, dtype, position_mode, to_self, dilation=None):
         """Cached lookups and this call's random draw, kept out of compiled graphs: the position table (or None),
@@ -480,19 +527,13 @@ class LEDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         table = None
         if self.config.position_encoding == "sincos":
             table = self.position_table(grid[0], grid[1], position_mode or self.config.position_mode, device, dtype)
-        scan = None if to_self else self.config.causal_scan
-        backend = resolve_backend(self.attention_backend, scan, torch.device(device).type)
-        mask = attention_mask(scan, grid, device, backend) if any(b.causal for b in self.blocks) else None
-        if dilation is None:
-            dilation = self.locality_conv.sample_dilation() if self.locality_conv is not None else 1
+        backend, mask, dilation = self._causal_inputs(grid, device, to_self, any(b.causal for b in self.blocks),
+                                                      dilation)
         return table, backend, mask, dilation
 
     def unpatchify(self, x, height: int, width: int):
         """(B, h*w, p*p*C) tokens -> (B, C, h*p, w*p) image, from an explicit token grid."""
-        p, c = self.config.patch_size, self.config.out_channels
-        x = x.reshape(x.shape[0], height, width, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(x.shape[0], c, height * p, width * p)
+        return unpatchify(x, height, width, self.config.patch_size, self.config.out_channels)
 
     def forward(
         self,

@@ -1,4 +1,4 @@
-"""Model surgery: small, pure steps that turn a stock DiT into an LEDiT.
+"""Model surgery: small, pure steps that turn a stock DiT (or PixArt) into an LEDiT.
 
 Each step takes and returns (config, state_dict) and says what it did, so the written folder
 describes itself. Every tensor not named by a step is passed through untouched (bit-exact).
@@ -81,6 +81,9 @@ def set_attention_layout(state: State, layout: List[str], scan: str, scaling: st
     return (config, sd), f"made {n} of {len(layout)} blocks causal (scan {scan}); attention scaling {scaling}"
 
 
+PATCHIFY_WEIGHTS = ("x_embedder.proj.weight", "pos_embed.proj.weight")  # DiT's name, diffusers' PixArt name
+
+
 def add_locality_conv(state: State, opts: SurgeryOptions) -> Tuple[State, str]:
     """Insert the residual locality conv after patchify with zero weight and bias (an exact no-op at first)."""
     config, sd = state
@@ -89,8 +92,8 @@ def add_locality_conv(state: State, opts: SurgeryOptions) -> Tuple[State, str]:
                   locality_post_norm=opts.post_norm)
     if opts.locality == "none":
         return (config, sd), "no locality conv (ablation)"
-    d, k = config["hidden_size"], opts.kernel_size
-    dtype = sd["x_embedder.proj.weight"].dtype
+    patchify = next(sd[k] for k in PATCHIFY_WEIGHTS if k in sd)  # (D, C, p, p): the token width and dtype
+    d, k, dtype = patchify.shape[0], opts.kernel_size, patchify.dtype
     sd = dict(sd)
     sd["locality_conv.conv.weight"] = torch.zeros(d, 1 if opts.locality == "depthwise" else d, k, k, dtype=dtype)
     sd["locality_conv.conv.bias"] = torch.zeros(d, dtype=dtype)
@@ -104,11 +107,11 @@ def add_locality_conv(state: State, opts: SurgeryOptions) -> Tuple[State, str]:
 
 
 def convert(source: SourceCheckpoint, opts: SurgeryOptions) -> Tuple[Dict, Dict[str, torch.Tensor], List[str]]:
-    """Run every surgery step on a stock DiT (options already checked by `validate_options`); returns the LEDiT
-    config, its tensors and what changed."""
+    """Run every surgery step on a stock DiT or PixArt (options already checked by `validate_options`); returns the
+    LEDiT config, its tensors and what changed."""
     if source.config.get("position_encoding") != "sincos" or source.config.get("locality", "none") != "none":
         raise ConfigError(f"{source.path}: already an LEDiT (no positional encoding or a locality conv); "
-                          "surgery takes a stock DiT")
+                          "surgery takes a stock DiT or PixArt")
     layout = parse_causal_layers(opts.causal_layers, source.config["num_layers"])
     state: State = (dict(source.config), source.state_dict)
     changes = []
@@ -119,7 +122,7 @@ def convert(source: SourceCheckpoint, opts: SurgeryOptions) -> Tuple[Dict, Dict[
     state, note = add_locality_conv(state, opts)
     changes.append(note)
     config, sd = state
-    check_against_model(sd, config, source.path)
+    check_against_model(sd, config, source.path, source.family)
     return config, sd, changes
 
 
@@ -136,7 +139,7 @@ class SurgeryResult:
 
 def surgery_to_folder(source: str, out, opts: SurgeryOptions, *, weights: str = "ema", num_heads=None,
                       image_size=None, overwrite: bool = False) -> SurgeryResult:
-    """Read a stock DiT, convert it and write an LEDiT folder atomically."""
+    """Read a stock DiT or PixArt, convert it and write an LEDiT folder atomically."""
     from concurrent.futures import ThreadPoolExecutor
     from dataclasses import asdict
     from pathlib import Path
@@ -159,5 +162,5 @@ def surgery_to_folder(source: str, out, opts: SurgeryOptions, *, weights: str = 
             record["source"]["summary"] = summary
             return record
         write_model_folder(out, config, sd, overwrite=overwrite, provenance=provenance,
-                           card=model_card(summary, changes))
+                           card=model_card(summary, changes, ckpt.family), family=ckpt.family)
     return SurgeryResult(summary, changes, config, str(out), digest.result() if digest else "")
