@@ -228,17 +228,22 @@ def test_cli_finetune_and_overrides(setup_dirs):
     assert bad.exit_code == 3 and "unknown key 'nonsense'" in bad.stderr
 
 
-def test_two_process_cpu_run(setup_dirs):
-    model, imgs, tmp = setup_dirs
-    recipe = tmp / "r.yaml"
-    recipe.write_text(yaml.safe_dump(dict(BASE, steps=3)))
-    # accelerate launch --cpu starts one process; torchrun starts N, and ACCELERATE_USE_CPU makes them use gloo
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-           "-m", "ledit_convert.cli", "finetune", str(model), "--data", str(imgs), "--recipe", str(recipe),
+def finetune_two_processes(model, imgs, recipe: dict, tmp, port: int):
+    """`finetune` in 2 CPU processes: accelerate launch --cpu starts one, torchrun starts N, and ACCELERATE_USE_CPU
+    makes them use gloo; the run folder is tmp/run."""
+    path = tmp / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "ledit_convert.cli", "finetune", str(model), "--data", str(imgs), "--recipe", str(path),
            "--output-dir", str(tmp / "run")]
     env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_two_process_cpu_run(setup_dirs):
+    model, imgs, tmp = setup_dirs
+    finetune_two_processes(model, imgs, dict(BASE, steps=3), tmp, 29531)
     state = json.loads((tmp / "run/checkpoints/step_00000003/state.json").read_text())
     assert state["num_processes"] == 2 and state["consumed_per_process"] == 3 * 2
     assert sorted(p.name for p in (tmp / "run/checkpoints/step_00000003").glob("rng_*.pt")) == ["rng_0.pt", "rng_1.pt"]

@@ -210,23 +210,12 @@ def test_shards_of_the_samples_are_the_unsplit_samples():
 
 
 def test_two_processes_evaluate_their_shards_and_the_main_one_writes(tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    import yaml
+    from test_finetune import finetune_two_processes
     model, imgs = make_model(tmp_path / "model"), make_images(tmp_path / "imgs")
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump(dict(BASE, steps=4, eval_every=2, eval_samples=5, eval_steps=2,
-                                          eval_batch_size=2, eval_metrics=["structure", "heldout_loss"],
-                                          eval_heldout=str(imgs), eval_heldout_items=4, eval_resolutions=["8"],
-                                          best_metric="heldout_loss", checkpoint_every=2)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           "-m", "ledit_convert.cli", "finetune", str(model), "--data", str(imgs), "--recipe", str(recipe),
-           "--output-dir", str(tmp_path / "run")]
-    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    finetune_two_processes(model, imgs, dict(BASE, steps=4, eval_every=2, eval_samples=5, eval_steps=2,
+                                             eval_batch_size=2, eval_metrics=["structure", "heldout_loss"],
+                                             eval_heldout=str(imgs), eval_heldout_items=4, eval_resolutions=["8"],
+                                             best_metric="heldout_loss", checkpoint_every=2), tmp_path, 29533)
     rows = [json.loads(line) for line in (tmp_path / "run/eval.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4]  # one row per step: only the main process writes
     assert all(0 <= r["object_rate@8"] <= 1 and r["heldout_loss"] > 0 for r in rows)
