@@ -41,3 +41,17 @@ def test_bench_fastloop_reports_the_peer_and_every_eager_row():
                      "--arms", "2", "--items", "16", "--hidden", "32", "--layers", "2"])
     assert set(out["images_per_s"]) == {"finetune (peer)", "one_eager", "concurrent_eager"}  # graphed: CUDA only
     assert all(v > 0 for v in out["images_per_s"].values()) and out["ratio_vs_finetune"]["finetune (peer)"] == 1.0
+
+
+def test_early_recovery_scores_every_arm_at_every_point(tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCH / "early_recovery.py"), "--images", "32", "--every", "16",
+                           "--arms", "ledit@old,ledit+norm", "--train-items", "32", "--heldout-items", "8",
+                           "--probe-images", "8", "--batch", "8", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert [(r["arm"], r["images"]) for r in rows] == [(a, i) for i in (0, 16, 32) for a in ("ledit@old", "ledit+norm")]
+    for r in rows:
+        assert r["heldout_loss_ema"] > 0 and r["heldout_loss_raw"] > 0 and -1.5 < r["probe_row_mid"] <= 1.0
+    first = {r["arm"]: r for r in rows if r["images"] == 0}
+    assert first["ledit@old"]["heldout_loss_ema"] == first["ledit@old"]["heldout_loss_raw"]  # EMA starts as a copy
