@@ -226,9 +226,9 @@ def _heldout_inputs(run: Run, heldout):
     items = [heldout.sample(i, False, g) if hasattr(heldout, "posterior") else heldout.load(i, False) for i in range(n)]
     x = torch.stack([it.x for it in items]).to(run.accelerator.device)
     labels = torch.tensor([it.label for it in items], dtype=torch.long)
-    with torch.random.fork_rng(devices=[]):  # the encoder's posterior draw must not move the training RNG
-        torch.manual_seed(recipe.eval_seed)
-        x0 = _encode(run, x) if not hasattr(heldout, "posterior") else x
+    # the posterior draw has its own generator: the training RNG (and so a resumed run) must not see it
+    own = torch.Generator(device=run.accelerator.device).manual_seed(recipe.eval_seed)
+    x0 = _encode(run, x, own) if not hasattr(heldout, "posterior") else x
     return x0.cpu(), labels
 
 
@@ -248,13 +248,15 @@ def _has(module: str) -> bool:
 #                                     Train                                     #
 #################################################################################
 
-def _encode(run: Run, x: torch.Tensor) -> torch.Tensor:
-    """Pixels -> scaled latents through the VAE (a posterior sample, as DiT); latents pass through."""
+def _encode(run: Run, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Pixels -> scaled latents through the VAE (a posterior sample, as DiT, drawn from `generator`, by default the
+    step generator); latents pass through."""
     if run.vae is None:
         return x
     with torch.no_grad():
         dist = run.vae.encode(x.to(run.vae.dtype)).latent_dist
-        noise = torch.randn(dist.mean.shape, generator=run.step_generator, device=x.device, dtype=dist.mean.dtype)
+        noise = torch.randn(dist.mean.shape, generator=generator or run.step_generator, device=x.device,
+                            dtype=dist.mean.dtype)
         latent = dist.mean + dist.std * noise
         shift = getattr(run.vae.config, "shift_factor", None) or 0.0
         return ((latent - shift) * run.vae.config.scaling_factor).float()

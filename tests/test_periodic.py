@@ -231,3 +231,19 @@ def test_a_resumed_run_drops_rows_written_after_its_checkpoint(tmp_path):
     assert [r["step"] for r in ev.rows] == [2, 4] and ev.best["step"] == 4
     assert [json.loads(x)["step"] for x in (tmp_path / "eval.jsonl").read_text().splitlines()] == [2, 4]
     assert not ev.due(4) and ev.due(6) and not ev.due(5)
+
+
+def test_held_out_images_through_a_vae_leave_the_training_draws_alone(tmp_path):
+    from _tiny import tiny_vae
+    from ledit_convert.model import LEDiTTransformer2DModel
+    tiny_vae().save_pretrained(tmp_path / "vae")
+    imgs = make_images(tmp_path / "imgs")
+    LEDiTTransformer2DModel(sample_size=4, patch_size=2, in_channels=4, out_channels=8, hidden_size=32, num_layers=2,
+                            num_attention_heads=2, num_classes=3,
+                            attention_layout=["self", "causal"]).save_pretrained(tmp_path / "model")
+    settings = dict(BASE, resolution=16, vae=str(tmp_path / "vae"), steps=4, checkpoint_every=4)
+    plain = finetune(str(tmp_path / "model"), str(imgs), load_recipe(None, settings), str(tmp_path / "a"))
+    evaluated = finetune(str(tmp_path / "model"), str(imgs), load_recipe(None, dict(
+        settings, eval_every=2, eval_metrics=["heldout_loss"], eval_heldout=str(imgs), eval_heldout_items=3)),
+        str(tmp_path / "b"))
+    assert evaluated["losses"] == plain["losses"]
