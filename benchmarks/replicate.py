@@ -332,8 +332,7 @@ class Experiment:
         with open(self.rows_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.args.publish:
-            Path(self.args.publish).mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(self.rows_path, Path(self.args.publish) / "rows.jsonl")
+            copy_atomic(self.rows_path, Path(self.args.publish) / "rows.jsonl")
 
     def score_arm(self, arm: Arm, name: str, seed: int, budget: int, resolutions=RESOLUTIONS) -> None:
         """EMA weights at every given size, raw weights at the base size and 2x; the EMA folder kept per budget."""
@@ -601,11 +600,9 @@ def publish(exp: Experiment) -> None:
     if not dest:
         return
     dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
     for name in ("rows.jsonl", "results.md"):
         if (exp.out / name).exists():
-            shutil.copyfile(exp.out / name, dest / f".{name}.tmp")
-            os.replace(dest / f".{name}.tmp", dest / name)
+            copy_atomic(exp.out / name, dest / name)
     _tar(dest / "report.tgz", exp.out, [p for p in exp.out.iterdir() if p.suffix in (".png", ".txt", ".json")] +
          list((exp.out / "arms").glob("*/losses.jsonl")) + [exp.out / "base" / "provenance.json"])
     folder, row = best_ledit(exp)
@@ -613,8 +610,15 @@ def publish(exp: Experiment) -> None:
         (folder / "evaluation.json").write_text(json.dumps(row, indent=2))
         _tar(dest / "best-ledit.tgz", folder.parent, [folder], arcname="best-ledit")
     if exp.base_path.exists() and exp.base_path.stat().st_size < 16 << 20:
-        shutil.copyfile(exp.base_path, dest / ".base.tmp")
-        os.replace(dest / ".base.tmp", dest / "shapes-dit-base.pt")
+        copy_atomic(exp.base_path, dest / "shapes-dit-base.pt")
+
+
+def copy_atomic(src: Path, dest: Path) -> None:
+    """Copy a file into the publish folder under a temporary name, then rename it into place."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dest)
 
 
 def _tar(path: Path, root: Path, members, arcname=None) -> None:

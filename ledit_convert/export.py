@@ -59,6 +59,16 @@ def model_config_json(config: Dict, family: str = "dit") -> Dict:
     return json.loads(model.to_json_string())
 
 
+def cpu_state_dict(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """A module's tensors detached, on the CPU and contiguous, as safetensors writes them."""
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def init_config(model) -> Dict:
+    """A model's config as __init__ keyword arguments (without diffusers' private `_` entries)."""
+    return {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
+
+
 def save_weights(state_dict: Dict[str, torch.Tensor], path: Path) -> None:
     """safetensors file of contiguous tensors, in the order the model names them."""
     from safetensors.torch import save_file

@@ -34,7 +34,7 @@ from . import __version__
 from .data import check_labels
 from .diffusion import DiffusionSchedule
 from .errors import ConfigError, DataError
-from .export import atomic_folder, write_json_atomic, write_model_folder
+from .export import atomic_folder, cpu_state_dict, init_config, write_json_atomic, write_model_folder
 from .model import LEDiTTransformer2DModel, attention_mask, resolve_backend
 from .trainstep import diffusion_loss, ema_weight_tensor, learning_rate
 
@@ -121,10 +121,6 @@ class ArmConfig:
             p.append(f"mixed_precision {self.mixed_precision!r} is not one of no, bf16")
         if p:
             raise ConfigError("invalid ArmConfig: " + "; ".join(p))
-
-
-def _cpu_state(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
 
 @contextmanager
@@ -399,10 +395,10 @@ class Arm:
         """Model, EMA, optimizer, counters and RNG states, written to a temporary folder renamed into place."""
         state = {"step": self.step_count, "loss_steps": self._loss_steps, "python_rng": self.rng.getstate(),
                  "config": dataclasses.asdict(self.cfg), "tool_version": __version__,
-                 "model_config": {k: v for k, v in dict(self.model.config).items() if not k.startswith("_")}}
+                 "model_config": init_config(self.model)}
         with self._on_stream(), atomic_folder(Path(folder), overwrite=True) as tmp:
-            save_file(_cpu_state(self.model), str(tmp / "model.safetensors"))
-            save_file(_cpu_state(self._ema), str(tmp / "ema.safetensors"))
+            save_file(cpu_state_dict(self.model), str(tmp / "model.safetensors"))
+            save_file(cpu_state_dict(self._ema), str(tmp / "ema.safetensors"))
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save({"generator": self.generator.get_state(), "loss_sum": self._loss_sum.cpu()}, tmp / "rng.pt")
             write_json_atomic(tmp / "state.json", state)
@@ -445,16 +441,16 @@ class Arm:
     def export(self, folder, provenance: Optional[Dict] = None, overwrite: bool = True) -> Path:
         """Write the EMA weights as a model folder (config, weights, model code) that reloads in diffusers."""
         ema = self.ema
-        config = {k: v for k, v in dict(ema.config).items() if not k.startswith("_")}
         if provenance is None:
             provenance = {"tool": "ledit-convert", "tool_version": __version__,
                           "training": {"loop": "fastloop", "steps": self.step_count,
                                        "config": dataclasses.asdict(self.cfg)}}
-        return write_model_folder(Path(folder), config, _cpu_state(ema), overwrite=overwrite, provenance=provenance)
+        return write_model_folder(Path(folder), init_config(ema), cpu_state_dict(ema), overwrite=overwrite,
+                                  provenance=provenance)
 
 
 #################################################################################
-#                          Several arms, checks, timing                         #
+#                                  Several arms                                 #
 #################################################################################
 
 def train_concurrently(arms: Sequence[Arm], steps: int, on_step: Optional[Callable[[int, Sequence[Arm]], None]] = None,

@@ -14,7 +14,7 @@ from . import __version__
 from .compiling import compile_blocks, is_compile_error, uncompile_blocks
 from .diffusion import DiffusionSchedule
 from .errors import ConfigError, DataError
-from .export import provenance_record, write_model_folder
+from .export import cpu_state_dict, init_config, provenance_record, write_model_folder
 from .model import LEDiTTransformer2DModel
 from .recipe import Recipe, save_recipe
 from .trainstep import diffusion_loss, ema_decay, learning_rate
@@ -49,7 +49,7 @@ class Run:
     skipped_images: int = 0
     decoder: Optional[torch.nn.Module] = None  # the VAE validation decodes with when training on latents
     compile_pending: bool = False  # blocks compiled, first step not yet run (where compile errors surface)
-    evaluator: Optional[object] = None  # periodic.PeriodicEvaluator on the main process when eval_every > 0
+    evaluator: Optional[object] = None  # periodic.PeriodicEvaluator (every process) when eval_every > 0
 
     @property
     def config(self):
@@ -335,7 +335,7 @@ def train(run: Run, progress: Optional[Callable[[Dict], None]] = None,
                      "skipped_images": run.skipped_images}, step=run.step)
             if progress is not None and acc.is_main_process:
                 progress({"step": run.step, "loss": mean_loss, "lr": lr, "images_per_s": ips})
-        if recipe.eval_every and (run.step % recipe.eval_every == 0):
+        if run.evaluator is not None and run.evaluator.due(run.step):
             evaluate_now(run)  # before the checkpoint: a run resumed from it finds this step evaluated
         if run.step % recipe.checkpoint_every == 0 or run.step == recipe.steps:
             save_checkpoint(run)
@@ -348,10 +348,6 @@ def train(run: Run, progress: Optional[Callable[[Dict], None]] = None,
 #                                      Save                                     #
 #################################################################################
 
-def _state_tensors(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-
-
 def save_checkpoint(run: Run) -> Path:
     """Model, EMA, optimizer, RNG states and data position, written to a partial folder then renamed."""
     acc = run.accelerator
@@ -362,8 +358,8 @@ def save_checkpoint(run: Run) -> Path:
     torch.save(rng_state(run.step_generator), folder / f"rng_{acc.process_index}.pt")
     acc.wait_for_everyone()
     if acc.is_main_process:
-        save_file(_state_tensors(run.raw_model), str(folder / "model.safetensors"))
-        save_file(_state_tensors(run.ema), str(folder / "ema.safetensors"))
+        save_file(cpu_state_dict(run.raw_model), str(folder / "model.safetensors"))
+        save_file(cpu_state_dict(run.ema), str(folder / "ema.safetensors"))
         torch.save(run.optimizer.state_dict(), folder / "optimizer.pt")
         write_state(folder, {"step": run.step, "consumed_per_process": run.step * run.micro_batch *
                              run.recipe.gradient_accumulation_steps, "num_processes": acc.num_processes,
@@ -401,11 +397,10 @@ def _write_ema_folder(run: Run, out: Path, extra: Dict) -> None:
     ema = copy.deepcopy(run.ema).cpu().float()
     if run.recipe.lora_rank > 0:
         ema = ema.merge_and_unload()
-    config = {k: v for k, v in dict(ema.config).items() if not k.startswith("_")}
     prov = provenance_record(run.model_dir, None, "ledit", {"recipe": run.recipe.to_dict()},
                              [f"fine-tuned {run.step} steps ({_ema_note(run.recipe)})"])
     prov.update(extra)
-    write_model_folder(out, config, _state_tensors(ema), overwrite=True, provenance=prov,
+    write_model_folder(out, init_config(ema), cpu_state_dict(ema), overwrite=True, provenance=prov,
                        extra_files={"recipe.yaml": (run.output_dir / "recipe.resolved.yaml").read_text()})
 
 
@@ -421,15 +416,11 @@ def export_ema(run: Run, summary: Dict) -> Path:
 def evaluate_now(run: Run) -> List[Dict]:
     """The periodic evaluation at this step (every process samples its shard, the main one scores); new best EMA
     weights go to best/."""
-    rows: List[Dict] = []
-    if run.evaluator is not None and run.evaluator.due(run.step):
-        raw = run.raw_model
-
-        def on_best(row):
-            _write_ema_folder(run, run.output_dir / "best", {"evaluation": row})
-            run.evaluator.write_best()
-        rows = run.evaluator.evaluate(run.step, {"ema": run.ema, "raw": raw},
-                                      run.step * run.recipe.global_batch_size, on_best)
+    def on_best(row):
+        _write_ema_folder(run, run.output_dir / "best", {"evaluation": row})
+        run.evaluator.write_best()
+    rows = run.evaluator.evaluate(run.step, {"ema": run.ema, "raw": run.raw_model},
+                                  run.step * run.recipe.global_batch_size, on_best)
     run.accelerator.wait_for_everyone()
     return rows
 

@@ -227,7 +227,8 @@ class PeriodicEvaluator:
             try:
                 if "heldout_loss" in self.plan.metrics and self.is_main:
                     row.update(heldout_loss(model, self.schedule, *self.heldout, seed=self.plan.seed))
-                for res in self.plan.resolutions if set(self.plan.metrics) - {"heldout_loss"} else []:
+                sampled = any(m != "heldout_loss" for m in self.plan.metrics)
+                for res in self.plan.resolutions if sampled else []:
                     shard = sample_images(model, res, self.plan.samples, self.plan, self.vae, rank=self.rank,
                                           world=self.world)
                     images = self.gather(shard)

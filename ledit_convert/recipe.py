@@ -121,8 +121,8 @@ class Recipe:
             p.append(f"trackers {bad} are not tensorboard or wandb")
         return p
 
-    def eval_plan(self, references: Optional[Dict] = None):
-        """The evaluation plan of this recipe (periodic.EvalPlan); references are loaded by the caller."""
+    def eval_plan(self):
+        """The evaluation plan of this recipe (periodic.EvalPlan); its FID references are loaded by the caller."""
         from .evaluate import parse_resolution
         from .periodic import EvalPlan
         sizes = [parse_resolution(r) for r in self.eval_resolutions] or \
@@ -130,7 +130,7 @@ class Recipe:
         return EvalPlan(every=self.eval_every, resolutions=sizes, samples=self.eval_samples,
                         metrics=list(self.eval_metrics), weights=list(self.eval_weights), steps=self.eval_steps,
                         cfg=self.eval_cfg, seed=self.eval_seed, batch_size=self.eval_batch_size,
-                        best_metric=self.best_metric, references=references or {})
+                        best_metric=self.best_metric)
 
     def per_process_batch(self, num_processes: int) -> int:
         """Micro-batch per process; the global batch must split evenly."""

@@ -62,8 +62,3 @@ def learning_rate(step: int, base_lr: float, warmup_steps: int = 0) -> float:
     if warmup_steps <= 0:
         return base_lr
     return base_lr * min(1.0, (step + 1) / warmup_steps)
-
-
-def ema_half_life_of(decay: float, batch: int) -> float:
-    """Images after which a fixed-decay EMA has forgotten half its weight (for reports)."""
-    return batch * math.log(0.5) / math.log(decay) if 0 < decay < 1 else float("inf")
