@@ -19,7 +19,7 @@ import torch
 
 from .errors import CheckpointError
 from .model import LEDiTTransformer2DModel, sincos_position_table
-from .pixart_model import LEDiTPixArtTransformer2DModel
+from .pixart_model import LEDiTPixArtTransformer2DModel, default_interpolation_scale
 
 # facebookresearch DiT: heads cannot be read from the weights, so they come from the named configs.
 DIT_HEADS_BY_WIDTH = {1152: 16, 1024: 16, 768: 12, 384: 6}
@@ -310,7 +310,7 @@ def read_pixart(folder: Path, cfg: Dict) -> SourceCheckpoint:
     sd, weights_file = _read_weight_folder(folder)
     check_against_model(sd, config, folder, family="pixart")
     notes = ["PixArt's sin/cos table is not stored: it is recomputed per grid (interpolation_scale "
-             f"{cfg.get('interpolation_scale') or max(cfg.get('sample_size', 128) // 64, 1)})"]
+             f"{cfg.get('interpolation_scale') or default_interpolation_scale(cfg.get('sample_size', 128))})"]
     return SourceCheckpoint(folder, "diffusers-pixart", config, sd, weights_file=weights_file, notes=notes,
                             family="pixart")
 

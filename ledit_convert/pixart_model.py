@@ -26,6 +26,11 @@ REMOTE_CODE_FILE = "modeling_ledit_pixart.py"  # this file, as it is copied besi
 TEXT_MASK_BIAS = -10000.0  # what diffusers' PixArt adds to the logits of masked text tokens
 
 
+def default_interpolation_scale(sample_size: int) -> float:
+    """The sin/cos table's interpolation scale a PixArt config leaves unset gets (diffusers' rule)."""
+    return max(sample_size // 64, 1)
+
+
 class ImageSelfAttnProcessor:
     """attn1 of a PixArt block: self-attention over image tokens through model.py's `attend`, so causal blocks use
     the cached 2D scan mask; logits are scaled by `logit_factor` (LEDiT's attention scaling)."""
@@ -151,7 +156,8 @@ class LEDiTPixArtTransformer2DModel(LEDiTModelMixin, ModelMixin, ConfigMixin):
         self.out_channels = in_channels if out_channels is None else out_channels
         self.use_additional_conditions = (sample_size == 128 if use_additional_conditions is None
                                           else use_additional_conditions)
-        self.interpolation_scale = interpolation_scale if interpolation_scale is not None else max(sample_size // 64, 1)
+        self.interpolation_scale = (interpolation_scale if interpolation_scale is not None
+                                    else default_interpolation_scale(sample_size))
 
         # 1. Patchify; the module keeps diffusers' name `pos_embed` (its keys), the table is added in forward
         self.pos_embed = PatchEmbed(height=sample_size, width=sample_size, patch_size=patch_size,
