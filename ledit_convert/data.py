@@ -37,6 +37,23 @@ class Sample(NamedTuple):
     skipped: int
 
 
+class CaptionSample(NamedTuple):
+    """One text-to-image training item read from images: x (C, H, W) float32 and its caption."""
+
+    x: torch.Tensor
+    caption: str
+    skipped: int
+
+
+class EncodedSample(NamedTuple):
+    """One text-to-image training item read from a cache: the latent and its caption's encoded tokens
+    {"embeds": (T, D), "mask": (T,)}."""
+
+    x: torch.Tensor
+    text: Dict[str, torch.Tensor]
+    skipped: int
+
+
 #################################################################################
 #                                 Transforms                                    #
 #################################################################################
@@ -117,6 +134,9 @@ class _ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def _item(self, index: int, x: torch.Tensor, skipped: int):
+        return Sample(x, int(self.labels[index]), skipped)
+
     def load(self, index: int, flip: bool = False) -> Sample:
         """Item `index`, or the next readable one if its file cannot be decoded (counted in `skipped`)."""
         for skipped in range(min(len(self), MAX_CONSECUTIVE_SKIPS)):
@@ -128,7 +148,7 @@ class _ImageDataset(torch.utils.data.Dataset):
                 self._record_skip(j, e)
                 continue
             x = image_to_tensor(center_crop_arr(image, self.resolution), flip)
-            return Sample(x, int(self.labels[j]), skipped)
+            return self._item(j, x, skipped)
         raise DataError(f"{self._describe(index)}: {MAX_CONSECUTIVE_SKIPS} unreadable images in a row; "
                         f"the dataset looks corrupt")
 
@@ -217,12 +237,55 @@ class ImageFolderDataset(_ImageDataset):
         return os.path.join(self.root, os.fsdecode(self._paths[index]))
 
 
+class CaptionedImageFolder(_ImageDataset):
+    """Images anywhere under a folder, each with its caption in a sidecar text file of the same name
+    (cat.jpg + cat.txt), ADM-cropped."""
+
+    def __init__(self, root: Union[str, os.PathLike], resolution: int, random_flip: bool = True):
+        super().__init__(resolution, random_flip)
+        self.root = os.fspath(root)
+        if not os.path.isdir(self.root):
+            raise DataError(f"{self.root}: not a readable folder")
+        files = list_images(self.root)
+        if not files:
+            raise DataError(f"{self.root}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
+        sidecars = [os.path.splitext(p)[0] + ".txt" for p in files]
+        missing = [p for p in sidecars if not os.path.isfile(p)]
+        if missing:
+            raise DataError(f"{missing[0]}: caption missing ({len(missing)} of {len(files)} images have no sidecar "
+                            f".txt caption)")
+        self.captions = [read_caption(p) for p in sidecars]
+        self._paths = np.array([os.fsencode(os.path.relpath(p, self.root)) for p in files])
+        self.labels = np.zeros(len(files), dtype=np.int64)  # one class: text models take no class ids
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def _item(self, index: int, x: torch.Tensor, skipped: int) -> CaptionSample:
+        return CaptionSample(x, self.captions[index], skipped)
+
+    def _open(self, index: int) -> Image.Image:
+        return Image.open(self._describe(index))
+
+    def _describe(self, index: int) -> str:
+        return os.path.join(self.root, os.fsdecode(self._paths[index]))
+
+
+def read_caption(path: str) -> str:
+    """A sidecar caption: the whole file, whitespace-trimmed."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read caption ({getattr(e, 'strerror', None) or e})") from None
+
+
 class HFImageDataset(_ImageDataset):
     """A Hugging Face dataset (save_to_disk folder or local load_dataset source) of images and labels."""
 
     def __init__(self, path: Union[str, os.PathLike], resolution: int, image_column: str = "image",
                  label_column: str = "label", split: str = "train", random_flip: bool = True,
-                 cache_dir: Optional[str] = None):
+                 cache_dir: Optional[str] = None, caption_column: Optional[str] = None):
         super().__init__(resolution, random_flip)
         import datasets  # imported here: it is slow to import and only this source needs it
 
@@ -239,12 +302,20 @@ class HFImageDataset(_ImageDataset):
             if split not in ds:
                 raise DataError(f"{self.path}: no split {split!r}; splits are {sorted(ds)}")
             ds = ds[split]
-        missing = [c for c in (image_column, label_column) if c not in ds.column_names]
+        second = caption_column or label_column
+        missing = [c for c in (image_column, second) if c not in ds.column_names]
         if missing:
             raise DataError(f"{self.path}: no column {missing[0]!r}; columns are {ds.column_names} "
-                            f"(choose with image_column / label_column)")
-        self.ds = ds.select_columns([image_column, label_column])
-        self.image_column, self.label_column = image_column, label_column
+                            f"(choose with image_column / {'caption' if caption_column else 'label'}_column)")
+        self.ds = ds.select_columns([image_column, second])
+        self.image_column, self.label_column, self.caption_column = image_column, label_column, caption_column
+        self.captions = None
+        if caption_column is not None:
+            self.captions = [str(c or "").strip() for c in self.ds[caption_column]]
+            if not self.captions:
+                raise DataError(f"{self.path}: split {split!r} is empty")
+            self.labels, self.classes = np.zeros(len(self.captions), dtype=np.int64), []
+            return
         labels = self.ds.select_columns([label_column]).with_format("numpy")[:][label_column]
         if labels.dtype.kind not in "iu":
             raise DataError(f"{self.path}: label column {label_column!r} holds {labels.dtype}, not integer class ids")
@@ -253,6 +324,11 @@ class HFImageDataset(_ImageDataset):
             raise DataError(f"{self.path}: split {split!r} is empty")
         feature = ds.features.get(label_column)
         self.classes = list(getattr(feature, "names", None) or [])
+
+    def _item(self, index: int, x: torch.Tensor, skipped: int):
+        if self.captions is None:
+            return super()._item(index, x, skipped)
+        return CaptionSample(x, self.captions[index], skipped)
 
     def _open(self, index: int) -> Image.Image:
         value = self.ds[index][self.image_column]  # the Image feature decodes here, inside load's try
@@ -331,8 +407,9 @@ def check_labels(labels: np.ndarray, num_classes: int, where: str, names: Option
 def open_training_data(path: Union[str, os.PathLike], resolution: int, num_classes: int, patch_size: int = 2,
                        random_flip: bool = True, class_map=None, image_column: str = "image",
                        label_column: str = "label", split: str = "train", vae_downsample: int = 8,
-                       kind: str = "auto"):
-    """Open an image folder, saved HF dataset or latent cache, checked against the model's shape and classes."""
+                       kind: str = "auto", captions: bool = False, caption_column: str = "caption"):
+    """Open an image folder, saved HF dataset or latent cache, checked against the model's shape and classes;
+    with `captions`, their captioned kinds (sidecar .txt captions, a caption column, a cache with text)."""
     path = os.fspath(path)
     kind = detect_data_kind(path) if kind == "auto" else kind
     factor = vae_downsample * patch_size
@@ -345,11 +422,17 @@ def open_training_data(path: Union[str, os.PathLike], resolution: int, num_class
         ds = CachedLatentsDataset(path, random_flip=random_flip)
         if ds.resolution != resolution:
             raise DataError(f"{path}: latents were cached at resolution {ds.resolution}, training asks for {resolution}")
+        if captions != (ds.text is not None):
+            raise DataError(f"{path}: the cache holds {'no ' if captions else ''}encoded captions, but the model is "
+                            f"{'text' if captions else 'class'}-conditional")
     elif kind == "hf":
-        ds = HFImageDataset(path, resolution, image_column, label_column, split, random_flip)
+        ds = HFImageDataset(path, resolution, image_column, label_column, split, random_flip,
+                            caption_column=caption_column if captions else None)
     elif kind == "images":
-        ds = ImageFolderDataset(path, resolution, class_map, random_flip)
+        ds = CaptionedImageFolder(path, resolution, random_flip) if captions else \
+            ImageFolderDataset(path, resolution, class_map, random_flip)
     else:
         raise DataError(f"unknown data kind {kind!r}; expected auto, images, hf or latents")
-    check_labels(ds.labels, num_classes, path, getattr(ds, "label_names", None))
+    if not captions:
+        check_labels(ds.labels, num_classes, path, getattr(ds, "label_names", None))
     return ds

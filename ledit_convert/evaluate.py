@@ -222,23 +222,46 @@ def check_models(specs: Sequence[ModelSpec]) -> None:
 
 
 def pipeline_generator(settings: Dict, vae: Optional[str], progress: Optional[Callable[[int, int], None]] = None):
-    """generate(spec, resolution) -> uint8 NHWC samples, one cached pipeline per model."""
-    from .sampling import check_call, load_pipeline, plan_labels, sample_array
+    """generate(spec, resolution) -> uint8 NHWC samples, one cached pipeline per model. A text-to-image model
+    samples settings["prompts"] (cycled); steps, cfg_scale and scheduler left None take the family's defaults."""
+    from .compiling import compile_blocks
+    from .sampling import DIT_DEFAULTS, check_call, check_dtype, load_pipeline, open_model, plan_labels, sample_array
+    from .text_pipeline import TEXT_DEFAULTS, load_text_pipeline, plan_prompts
     cache = {}
+
+    def setting(key: str, text: bool):
+        value = settings.get(key)
+        return (TEXT_DEFAULTS if text else DIT_DEFAULTS)[key] if value is None else value
 
     def generate(spec: ModelSpec, res: Resolution) -> np.ndarray:
         if spec.path not in cache:
             cache.clear()  # one model in memory at a time
-            pipe = load_pipeline(spec.path, vae=vae, scheduler=settings["scheduler"], device=settings["device"],
-                                 dtype=settings["dtype"], compile=settings.get("compile", False))
+            source = open_model(spec.path)
+            if source.text:
+                if spec.position_mode or spec.attention_scaling:
+                    raise ConfigError(f"{spec.name}: position modes apply to class-conditional DiTs only")
+                pipe = load_text_pipeline(source.transformer_dir, source.kind, vae, settings.get("text_encoder"),
+                                          setting("scheduler", True), settings["device"],
+                                          check_dtype(settings["dtype"]), settings.get("negative_prompt", ""),
+                                          settings.get("max_length", 300))
+                if settings.get("compile", False):
+                    compile_blocks(pipe.transformer)
+            else:
+                pipe = load_pipeline(spec.path, vae=vae, scheduler=setting("scheduler", False),
+                                     device=settings["device"], dtype=settings["dtype"],
+                                     compile=settings.get("compile", False))
             pipe.set_progress_bar_config(disable=True)
-            cache[spec.path] = pipe
-        pipe = cache[spec.path]
-        labels = plan_labels(settings["num_samples"], None, pipe.num_classes)
-        call = dict(height=res[0], width=res[1], num_inference_steps=settings["steps"],
-                    guidance_scale=settings["cfg_scale"], guidance_channels=settings["guidance_channels"],
-                    position_mode=spec.position_mode, attention_scaling=spec.attention_scaling)
-        check_call(pipe, labels, f"{spec.name}: ", **call)
+            cache[spec.path] = (pipe, source.text)
+        pipe, text = cache[spec.path]
+        call = dict(height=res[0], width=res[1], num_inference_steps=setting("steps", text),
+                    guidance_scale=setting("cfg_scale", text))
+        if text:
+            labels = plan_prompts(settings["num_samples"], list(settings.get("prompts") or []))
+        else:
+            labels = plan_labels(settings["num_samples"], None, pipe.num_classes)
+            call.update(guidance_channels=settings.get("guidance_channels") or 3, position_mode=spec.position_mode,
+                        attention_scaling=spec.attention_scaling)
+            check_call(pipe, labels, f"{spec.name}: ", **call)
         return sample_array(pipe, labels, settings["seed"], settings["batch_size"], progress, **call)
 
     return generate

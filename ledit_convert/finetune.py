@@ -15,15 +15,18 @@ from .compiling import compile_blocks, is_compile_error, uncompile_blocks
 from .diffusion import DiffusionSchedule
 from .errors import ConfigError, DataError
 from .export import cpu_state_dict, init_config, provenance_record, write_model_folder
-from .model import LEDiTTransformer2DModel
+from .checkpoints import LEDIT_CLASS_NAMES, MODEL_CLASSES
 from .recipe import Recipe, save_recipe
 from .trainstep import diffusion_loss, ema_decay, learning_rate
 from .runstate import (ResumableSampler, SeededItems, finish_checkpoint, partial_dir, read_state, resolve_resume,
                        rng_state, set_rng_state, update_ema, write_state)
 
 logger = logging.getLogger(__name__)
-LORA_TARGETS = r".*blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
-FULLY_TRAINED_WITH_LORA = ("locality_conv", "adaLN_modulation", "final_layer")
+# per family: the linears LoRA adapts, and what trains fully beside them (the locality conv, adaLN, the final layer)
+LORA_TARGETS = {"dit": r".*blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))",
+                "pixart": r".*transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))"}
+FULLY_TRAINED_WITH_LORA = {"dit": ("locality_conv", "adaLN_modulation", "final_layer"),
+                           "pixart": ("locality_conv", "adaln_single", "scale_shift_table", "proj_out")}
 
 
 @dataclass
@@ -50,6 +53,9 @@ class Run:
     decoder: Optional[torch.nn.Module] = None  # the VAE validation decodes with when training on latents
     compile_pending: bool = False  # blocks compiled, first step not yet run (where compile errors surface)
     evaluator: Optional[object] = None  # periodic.PeriodicEvaluator (every process) when eval_every > 0
+    family: str = "dit"  # "dit" (class ids) or "pixart" (text)
+    text_encoder: Optional[object] = None  # text.TextEncoder: encodes captions of uncached data, validation prompts
+    null_text: Optional[tuple] = None  # the empty prompt's (tokens (T, D), mask (T,)) on the device, for dropout
 
     @property
     def config(self):
@@ -63,26 +69,41 @@ class Run:
 #################################################################################
 
 def load_vae(vae: Optional[str], device):
-    """AutoencoderKL from a local folder or hub id; None for pixel-space models."""
+    """AutoencoderKL from a local folder (its own or a pipeline's vae/) or hub id; None for pixel-space models."""
     if vae is None:
         return None
     from diffusers import AutoencoderKL
+
+    from .sampling import vae_location
     try:
-        model = AutoencoderKL.from_pretrained(vae)
+        path, sub = vae_location(vae)
+        model = AutoencoderKL.from_pretrained(path, subfolder=sub or None)
     except Exception as e:
         raise ConfigError(f"--vae {vae}: cannot load an AutoencoderKL ({type(e).__name__}: "
                           f"{str(e).splitlines()[0][:150] if str(e) else ''})") from None
     return model.to(device).eval().requires_grad_(False)
 
 
-def _apply_lora(model: LEDiTTransformer2DModel, recipe: Recipe):
+def model_family(model_path: Path) -> str:
+    """The family ("dit", "pixart") of a converted model folder, from its config's class name."""
+    import json
+    try:
+        name = json.loads((model_path / "config.json").read_text()).get("_class_name")
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{model_path / 'config.json'}: unreadable ({e})") from None
+    if name not in LEDIT_CLASS_NAMES:
+        raise ConfigError(f"{model_path}: holds a {name}, not a converted model; run `ledit-convert surgery` first")
+    return LEDIT_CLASS_NAMES[name]
+
+
+def _apply_lora(model: torch.nn.Module, recipe: Recipe, family: str):
     """peft LoRA on attention/MLP linears; the locality conv, adaLN and final layer train fully."""
     from peft import LoraConfig, get_peft_model
     config = LoraConfig(r=recipe.lora_rank, lora_alpha=recipe.lora_alpha or recipe.lora_rank,
-                        target_modules=LORA_TARGETS, init_lora_weights=True)
+                        target_modules=LORA_TARGETS[family], init_lora_weights=True)
     wrapped = get_peft_model(model, config)
     for name, p in wrapped.named_parameters():
-        if any(part in name for part in FULLY_TRAINED_WITH_LORA) and "lora_" not in name:
+        if any(part in name for part in FULLY_TRAINED_WITH_LORA[family]) and "lora_" not in name:
             p.requires_grad_(True)
     return wrapped
 
@@ -102,8 +123,11 @@ def setup(model_dir: str, data, recipe: Recipe, output_dir: str, resume: Optiona
     output_dir, model_path = Path(output_dir), Path(model_dir)
     if not (model_path / "config.json").is_file():
         raise ConfigError(f"{model_dir}: not a model folder (no config.json); run `ledit-convert surgery` first")
-    model = LEDiTTransformer2DModel.from_pretrained(model_path)
+    family = model_family(model_path)
+    model = MODEL_CLASSES[family].from_pretrained(model_path)
     cfg = model.config
+    text = family != "dit"
+    num_classes = 0 if text else cfg.num_classes
     resume_from = resolve_resume(resume, output_dir)
     if resume is None and (output_dir / "checkpoints").exists() and any((output_dir / "checkpoints").iterdir()):
         raise ConfigError(f"{output_dir}: holds checkpoints of an earlier run; pass --resume latest or another "
@@ -128,14 +152,16 @@ def setup(model_dir: str, data, recipe: Recipe, output_dir: str, resume: Optiona
         from .data import detect_data_kind
         kind = detect_data_kind(data) if recipe.data_kind == "auto" else recipe.data_kind
         factor = 1 if kind == "latents" else vae_scale_factor(recipe.vae, ConfigError)
-        dataset = open_training_data(data, recipe.resolution, cfg.num_classes, patch_size=cfg.patch_size,
+        dataset = open_training_data(data, recipe.resolution, num_classes, patch_size=cfg.patch_size,
                                      random_flip=recipe.random_flip, class_map=recipe.class_map,
                                      image_column=recipe.image_column, label_column=recipe.label_column,
-                                     vae_downsample=factor, kind=kind)
+                                     vae_downsample=factor, kind=kind, captions=text,
+                                     caption_column=recipe.caption_column)
     else:
         from .data import check_labels
         dataset = data
-        check_labels(dataset.labels, cfg.num_classes, type(data).__name__)
+        if not text:
+            check_labels(dataset.labels, cfg.num_classes, type(data).__name__)
         factor = vae_scale_factor(recipe.vae, ConfigError)
     is_latents = hasattr(dataset, "posterior")
     channels, side = (dataset.latent_shape[0], dataset.latent_shape[-1]) if is_latents else \
@@ -144,13 +170,14 @@ def setup(model_dir: str, data, recipe: Recipe, output_dir: str, resume: Optiona
         raise DataError(f"{data}: {recipe.resolution}px images give {channels} x {side}x{side} inputs, which do not "
                         f"fit a model with {cfg.in_channels} input channels and patch {cfg.patch_size}")
     vae = None if is_latents else load_vae(recipe.vae, accelerator.device)
+    text_encoder, null_text = _text_inputs(dataset, recipe, cfg, data, accelerator.device) if text else (None, None)
 
     # model, EMA (a frozen copy, fp32), optimizer
     model.set_attention_backend(recipe.attention_backend)
     if recipe.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     if recipe.lora_rank > 0:
-        model = _apply_lora(model, recipe)
+        model = _apply_lora(model, recipe, family)
     model.train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -167,7 +194,7 @@ def setup(model_dir: str, data, recipe: Recipe, output_dir: str, resume: Optiona
 
     run = Run(accelerator, recipe, prepared, model, ema, trainable, ema_trainable, optimizer, None,
               DiffusionSchedule(), vae, step_generator, output_dir, model_path, micro_batch,
-              compile_pending=recipe.compile)
+              compile_pending=recipe.compile, family=family, text_encoder=text_encoder, null_text=null_text)
     consumed = 0
     if resume_from is not None:
         consumed = _load_checkpoint(run, resume_from)
@@ -178,6 +205,9 @@ def setup(model_dir: str, data, recipe: Recipe, output_dir: str, resume: Optiona
         num_workers=recipe.num_workers, pin_memory=accelerator.device.type == "cuda", drop_last=True,
         persistent_workers=recipe.num_workers > 0,
         generator=torch.Generator().manual_seed(recipe.seed))  # keeps worker seeding off the global RNG stream
+    if text and recipe.eval_every and set(recipe.eval_metrics) - {"heldout_loss"}:
+        raise ConfigError(f"eval_metrics {recipe.eval_metrics}: a text-to-image model evaluates heldout_loss during "
+                          f"training; FID per size comes from `ledit-convert evaluate --prompts-file`")
     if recipe.eval_every:  # every process samples its shard; the main one scores
         run.evaluator = _build_evaluator(run, heldout if heldout is not None else recipe.eval_heldout)
     if accelerator.is_main_process:
@@ -186,6 +216,28 @@ def setup(model_dir: str, data, recipe: Recipe, output_dir: str, resume: Optiona
         flat = {k: (str(v) if isinstance(v, (list, type(None))) else v) for k, v in recipe.to_dict().items()}
         accelerator.init_trackers("ledit-finetune", config=flat)
     return run
+
+
+def _text_inputs(dataset, recipe: Recipe, cfg, data, device):
+    """A text model's encoder (loaded when captions must be encoded: uncached data, validation prompts) and the
+    empty prompt's tokens, each checked against the transformer's caption_channels."""
+    from .text import load_text_encoder
+    cached = getattr(dataset, "text", None)
+    if cached is not None and cached["width"] != cfg.caption_channels:
+        raise DataError(f"{data}: the cache holds {cached['width']}-wide text tokens (from {cached['encoder']}), "
+                        f"but the model takes caption_channels {cfg.caption_channels}")
+    needed = cached is None or recipe.validate_every > 0
+    if needed and recipe.text_encoder is None:
+        why = "validation prompts (validate_every > 0)" if cached is not None else "uncached captions"
+        raise ConfigError(f"{why} need the recipe's text_encoder; set it, or cache captions with "
+                          f"`ledit-convert cache-latents --text-encoder`" + (" and set validate_every 0" if
+                                                                               cached is not None else ""))
+    encoder = None
+    if needed:
+        encoder = load_text_encoder(recipe.text_encoder, recipe.text_max_length, device)
+        encoder.check_width(cfg.caption_channels, "the model")
+    embeds, mask = dataset.null_text() if cached is not None else (t[0] for t in encoder.encode([""]))
+    return encoder, (embeds.to(device), mask.to(device))
 
 
 def _build_evaluator(run: Run, heldout):
@@ -219,13 +271,15 @@ def _heldout_inputs(run: Run, heldout):
     if isinstance(heldout, (str, Path)):
         from .sampling import vae_scale_factor
         factor = vae_scale_factor(recipe.vae, ConfigError)
-        heldout = open_training_data(heldout, recipe.resolution, cfg.num_classes, patch_size=cfg.patch_size,
-                                     random_flip=False, vae_downsample=factor)
+        heldout = open_training_data(heldout, recipe.resolution, getattr(cfg, "num_classes", 0),
+                                     patch_size=cfg.patch_size, random_flip=False, vae_downsample=factor,
+                                     captions=run.family != "dit", caption_column=recipe.caption_column)
     n = min(len(heldout), recipe.eval_heldout_items)
     g = torch.Generator().manual_seed(recipe.eval_seed)
     items = [heldout.sample(i, False, g) if hasattr(heldout, "posterior") else heldout.load(i, False) for i in range(n)]
-    x = torch.stack([it.x for it in items]).to(run.accelerator.device)
-    labels = torch.tensor([it.label for it in items], dtype=torch.long)
+    batch = torch.utils.data.default_collate(items)
+    x = batch[0].to(run.accelerator.device)
+    labels = condition(run, batch, recipe.resolution).to("cpu")  # class ids or a TextCondition
     # the posterior draw has its own generator: the training RNG (and so a resumed run) must not see it
     own = torch.Generator(device=run.accelerator.device).manual_seed(recipe.eval_seed)
     x0 = _encode(run, x, own) if not hasattr(heldout, "posterior") else x
@@ -262,18 +316,34 @@ def _encode(run: Run, x: torch.Tensor, generator: Optional[torch.Generator] = No
         return ((latent - shift) * run.vae.config.scaling_factor).float()
 
 
+def condition(run: Run, batch, side: int):
+    """A collated batch's condition on the device: class ids (Sample), or a TextCondition from cached tokens
+    (EncodedSample) or from captions encoded now (CaptionSample); `side` is the images' size in pixels."""
+    from .data import CaptionSample, EncodedSample
+    from .text import TextCondition, micro_conditions
+    device = run.accelerator.device
+    if isinstance(batch, EncodedSample):
+        embeds, mask = batch.text["embeds"].to(device, non_blocking=True), batch.text["mask"].to(device)
+    elif isinstance(batch, CaptionSample):
+        embeds, mask = run.text_encoder.encode(batch.caption)
+    else:
+        return batch[1].to(device, non_blocking=True)
+    micro = micro_conditions(len(embeds), side, side, device) if run.config.use_additional_conditions else None
+    return TextCondition(embeds, mask, *run.null_text, micro)
+
+
 def _step(run: Run, batch) -> torch.Tensor:
     """One micro-batch of DiT's loss; returns the detached per-sample loss mean."""
-    x, labels, skipped = batch
+    x, skipped = batch[0], batch[2]
     device = run.accelerator.device
     x = x.to(device, non_blocking=True)
-    labels = labels.to(device, non_blocking=True)
+    labels = condition(run, batch, run.recipe.resolution)
     run.skipped_images += int(skipped.sum())  # counted on the CPU batch: no device sync
     x0 = _encode(run, x)
     with run.accelerator.accumulate(run.model):
         learn_sigma = run.config.out_channels == 2 * run.config.in_channels
         loss = diffusion_loss(run.model, run.schedule, x0, labels, run.step_generator, run.recipe.class_dropout,
-                              run.config.num_classes, learn_sigma, run.accelerator.autocast)
+                              getattr(run.config, "num_classes", 0), learn_sigma, run.accelerator.autocast)
         run.accelerator.backward(loss)
         if run.accelerator.sync_gradients and run.recipe.max_grad_norm:
             run.accelerator.clip_grad_norm_(run.trainable, run.recipe.max_grad_norm)
@@ -401,7 +471,8 @@ def _write_ema_folder(run: Run, out: Path, extra: Dict) -> None:
                              [f"fine-tuned {run.step} steps ({_ema_note(run.recipe)})"])
     prov.update(extra)
     write_model_folder(out, init_config(ema), cpu_state_dict(ema), overwrite=True, provenance=prov,
-                       extra_files={"recipe.yaml": (run.output_dir / "recipe.resolved.yaml").read_text()})
+                       extra_files={"recipe.yaml": (run.output_dir / "recipe.resolved.yaml").read_text()},
+                       family=run.family)
 
 
 def export_ema(run: Run, summary: Dict) -> Path:
@@ -427,7 +498,8 @@ def evaluate_now(run: Run) -> List[Dict]:
 
 @torch.no_grad()
 def validation_grids(run: Run) -> List[Path]:
-    """EMA samples of fixed classes and seed at the training resolution and at 2x, saved as PNG and logged."""
+    """EMA samples of fixed classes (or prompts) and seed at the training resolution and at 2x, saved as PNG and
+    logged."""
     import numpy as np
     from PIL import Image
 
@@ -435,11 +507,17 @@ def validation_grids(run: Run) -> List[Path]:
     acc, recipe = run.accelerator, run.recipe
     if not acc.is_main_process:
         return []
-    classes = [c for c in recipe.validation_classes if 0 <= c < run.config.num_classes]
-    classes = classes or list(range(min(8, run.config.num_classes)))
     vae = _decoder(run)
-    scheduler = default_scheduler("ddpm")
-    pipe = LEDiTPipeline(transformer=run.ema, vae=vae, scheduler=scheduler)
+    if run.family == "dit":
+        classes = [c for c in recipe.validation_classes if 0 <= c < run.config.num_classes]
+        conditions = classes or list(range(min(8, run.config.num_classes)))
+        pipe = LEDiTPipeline(transformer=run.ema, vae=vae, scheduler=default_scheduler("ddpm"))
+    else:
+        from .text_pipeline import TextToImage, make_text_scheduler
+        # diffusers' pipeline takes a plain transformer: with LoRA, a merged copy (the EMA itself stays wrapped)
+        ema = copy.deepcopy(run.ema).merge_and_unload() if recipe.lora_rank > 0 else run.ema
+        conditions = list(recipe.validation_prompts)
+        pipe = TextToImage(ema, vae, make_text_scheduler("dpm"), run.text_encoder)
     pipe.set_progress_bar_config(disable=True)
     folder = run.output_dir / "validation"
     folder.mkdir(parents=True, exist_ok=True)
@@ -447,7 +525,7 @@ def validation_grids(run: Run) -> List[Path]:
     side = run.config.sample_size * pipe.vae_scale_factor  # pixels (model cells for a pixel-space model)
     for scale in (1, 2):
         g = torch.Generator(device=acc.device).manual_seed(recipe.validation_seed)
-        images = pipe(classes, height=side * scale, width=side * scale, num_inference_steps=recipe.validation_steps,
+        images = pipe(conditions, height=side * scale, width=side * scale, num_inference_steps=recipe.validation_steps,
                       guidance_scale=recipe.validation_cfg, generator=g, output_type="np").images
         grid = np.concatenate(list(images), axis=1)  # one row, classes left to right
         path = folder / f"step_{run.step:08d}_{scale}x.png"

@@ -5,6 +5,10 @@
 #                                  `labels` [n] int64, and `mean_flip` / `std_flip` for the mirrored
 #                                  image when flip variants are cached. Header metadata records
 #                                  which dataset indices the shard covers, so an interrupted run resumes.
+#                                  A captioned dataset's shards also hold `text_embeds` [n, T, D] (its text
+#                                  encoder's tokens, storage dtype) and `text_mask` [n, T] uint8, and
+#                                  empty_prompt.safetensors the empty prompt's (caption dropout), so no text
+#                                  encoder runs while training.
 #   index.json                     written LAST: its absence marks an incomplete cache.
 # We store the posterior (mean, std) rather than one sample so each epoch draws a fresh sample, as
 # DiT does with `latent_dist.sample()`. Mirrored images are encoded separately because the VAE is
@@ -23,11 +27,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .data import Sample
+from .data import EncodedSample, Sample
 from .errors import DataError, OutputExistsError
 
 INDEX_FILE = "index.json"
 SHARD_NAME = "latents_{:05d}.safetensors"
+EMPTY_PROMPT_FILE = "empty_prompt.safetensors"
 CACHE_FORMAT = "ledit-latents"
 _STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -58,10 +63,17 @@ def _write_atomic(path: str, write: Callable[[str], None]):
     os.replace(tmp, path)  # a reader sees the old file or the whole new one, never a partial one
 
 
-def _shard_metadata(start, stop, resolution, vae_id, flip_variants, storage_dtype, count):
+def _shard_metadata(start, stop, resolution, vae_id, flip_variants, storage_dtype, count, text_id=""):
     return {"format": CACHE_FORMAT, "start": str(start), "stop": str(stop), "resolution": str(resolution),
             "vae": str(vae_id), "flip_variants": str(bool(flip_variants)),
-            "storage_dtype": str(storage_dtype).removeprefix("torch."), "count": str(count)}
+            "storage_dtype": str(storage_dtype).removeprefix("torch."), "count": str(count), "text": text_id}
+
+
+def _text_id(text_encoder) -> str:
+    """What a shard's text tokens came from: encoder, width and token count (a change rebuilds the shard)."""
+    if text_encoder is None:
+        return ""
+    return f"{text_encoder.source or 'unknown'}|{text_encoder.width}|{text_encoder.max_length}"
 
 
 def _finished_shard(path: str, expected: dict) -> Optional[int]:
@@ -73,6 +85,7 @@ def _finished_shard(path: str, expected: dict) -> Optional[int]:
             meta = f.metadata() or {}
     except Exception:  # a foreign or damaged file: rebuild it
         return None
+    meta.setdefault("text", "")  # shards written before captioned caches existed hold class data
     same = all(meta.get(k) == v for k, v in expected.items() if k != "count")
     return int(meta["count"]) if same and "count" in meta else None
 
@@ -81,8 +94,9 @@ def _finished_shard(path: str, expected: dict) -> Optional[int]:
 def cache_latents(dataset, vae, output_dir, batch_size: int = 32, shard_size: int = 4096, flip_variants: bool = True,
                   device="cpu", dtype: torch.dtype = torch.float32, progress: Optional[Callable[[int, int], None]] = None,
                   storage_dtype: torch.dtype = torch.float16, num_workers: int = 0, vae_id: Optional[str] = None,
-                  overwrite: bool = False) -> dict:
-    """Encode an image dataset (with `.load(i, flip)`) into sharded VAE posteriors; returns the index."""
+                  overwrite: bool = False, text_encoder=None) -> dict:
+    """Encode an image dataset (with `.load(i, flip)`) into sharded VAE posteriors; returns the index. With a
+    `text_encoder` (text.TextEncoder), the dataset is a captioned one and its captions are encoded too."""
     output_dir = os.fspath(output_dir)
     index_path = os.path.join(output_dir, INDEX_FILE)
     if os.path.exists(index_path):
@@ -96,17 +110,23 @@ def cache_latents(dataset, vae, output_dir, batch_size: int = 32, shard_size: in
     if vae.dtype != dtype:  # only cast when asked: diffusers warns on every dtype cast
         vae = vae.to(dtype=dtype)
     vae_id = vae_id or getattr(vae.config, "_name_or_path", "") or "unknown"
+    captioned = getattr(dataset, "captions", None) is not None
+    if captioned != (text_encoder is not None):
+        raise DataError("a captioned dataset is cached with a text encoder, a class-labelled one without"
+                        if captioned else "a text encoder was given, but the dataset has no captions")
+    text_id = _text_id(text_encoder)
     n = len(dataset)
     shards, total, skipped, latent_shape = [], 0, 0, None
     for k in range(math.ceil(n / shard_size)):
         start, stop = k * shard_size, min(n, (k + 1) * shard_size)
         name = SHARD_NAME.format(k)
         path = os.path.join(output_dir, name)
-        meta = _shard_metadata(start, stop, dataset.resolution, vae_id, flip_variants, storage_dtype, 0)
+        meta = _shard_metadata(start, stop, dataset.resolution, vae_id, flip_variants, storage_dtype, 0, text_id)
         count = None if overwrite else _finished_shard(path, meta)
         if count is None:
             tensors, skipped_here = _encode_range(dataset, vae, start, stop, batch_size, flip_variants,
-                                                  device, dtype, storage_dtype, num_workers, progress, total, n)
+                                                  device, dtype, storage_dtype, num_workers, progress, total, n,
+                                                  text_encoder)
             count = len(tensors["labels"])
             meta["count"] = str(count)
             _write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
@@ -120,6 +140,12 @@ def cache_latents(dataset, vae, output_dir, batch_size: int = 32, shard_size: in
         total += count
     if total == 0:
         raise DataError(f"{output_dir}: no readable images to cache")
+    text = None
+    if text_encoder is not None:
+        embeds, mask = text_encoder.encode([""])
+        empty = {"embeds": embeds[0].to(storage_dtype).cpu().contiguous(), "mask": mask[0].to(torch.uint8).cpu()}
+        _write_atomic(os.path.join(output_dir, EMPTY_PROMPT_FILE), lambda tmp: save_file(empty, tmp))
+        text = {"encoder": text_encoder.source, "width": text_encoder.width, "max_length": text_encoder.max_length}
     index = {
         "format": CACHE_FORMAT, "version": 1, "count": total, "shards": shards, "latent_shape": latent_shape,
         "resolution": dataset.resolution, "vae": vae_id,
@@ -129,23 +155,32 @@ def cache_latents(dataset, vae, output_dir, batch_size: int = 32, shard_size: in
         "classes": list(getattr(dataset, "classes", []) or []),
         # counted in this run only; images skipped by an earlier, resumed run are in their shards' absence
         "skipped": skipped,
+        "text": text,  # None for class-labelled data
     }
     _write_atomic(index_path, lambda tmp: open(tmp, "w").write(json.dumps(index, indent=2)))
     return index
 
 
 def _encode_range(dataset, vae, start, stop, batch_size, flip_variants, device, dtype, storage_dtype,
-                  num_workers, progress, done_before, n):
+                  num_workers, progress, done_before, n, text_encoder=None):
     """Encode dataset items [start, stop) into one shard's tensors; returns (tensors, skipped count)."""
     loader = torch.utils.data.DataLoader(_Unflipped(dataset, start, stop), batch_size=batch_size,
                                          shuffle=False, num_workers=num_workers)
-    parts = {k: [] for k in ("mean", "std", "mean_flip", "std_flip", "labels")}
+    names = ("mean", "std", "mean_flip", "std_flip", "labels") + (("text_embeds", "text_mask") if text_encoder else ())
+    parts = {k: [] for k in names}
     skipped, done = 0, done_before
     for x, labels, skips in loader:
         # an item with skips > 0 is a stand-in (the next readable image), which is also cached under
         # its own index: dropping it leaves exactly the readable images, each once
         keep = skips == 0
         skipped += int((~keep).sum())
+        if text_encoder is not None:  # `labels` are captions
+            captions = [c for c, k in zip(labels, keep.tolist()) if k]
+            labels = torch.zeros(len(keep), dtype=torch.int64)
+            if captions:
+                embeds, mask = text_encoder.encode(captions)
+                parts["text_embeds"].append(embeds.to(storage_dtype).cpu())
+                parts["text_mask"].append(mask.to(torch.uint8).cpu())
         x, labels = x[keep], labels[keep]
         done += len(keep)
         if len(x):
@@ -166,6 +201,9 @@ def _encode_range(dataset, vae, start, stop, batch_size, flip_variants, device, 
         shape = (0, vae.config.latent_channels, side, side)
         parts = {k: [torch.zeros(shape, dtype=storage_dtype)] for k in parts}
         parts["labels"] = [torch.zeros(0, dtype=torch.int64)]
+        if text_encoder is not None:
+            parts["text_embeds"] = [torch.zeros(0, text_encoder.max_length, text_encoder.width, dtype=storage_dtype)]
+            parts["text_mask"] = [torch.zeros(0, text_encoder.max_length, dtype=torch.uint8)]
     return {k: torch.cat(v).contiguous() for k, v in parts.items() if v}, skipped
 
 
@@ -192,6 +230,10 @@ class CachedLatentsDataset(torch.utils.data.Dataset):
             self.shift_factor = float(index.get("shift_factor", 0.0))
             self.flip_variants = bool(index["flip_variants"])
             self.latent_shape = tuple(index["latent_shape"])
+            self.text = index.get("text")  # {"encoder", "width", "max_length"} for captioned data, else None
+            if self.text is not None:
+                self.text = {"encoder": str(self.text["encoder"]), "width": int(self.text["width"]),
+                             "max_length": int(self.text["max_length"])}
         except (ValueError, KeyError, TypeError) as e:
             raise DataError(f"{index_path}: not a valid latent cache index ({e})") from None
         self.classes = list(index.get("classes", []))
@@ -233,11 +275,27 @@ class CachedLatentsDataset(torch.utils.data.Dataset):
         std = handle.get_slice("std" + suffix)[row:row + 1][0].float()
         return mean, std
 
-    def sample(self, index: int, flip: bool, generator: Optional[torch.Generator] = None) -> Sample:
-        """A posterior sample of item `index`, scaled as the model sees latents ((z - shift) x scaling_factor)."""
+    def sample(self, index: int, flip: bool, generator: Optional[torch.Generator] = None):
+        """A posterior sample of item `index`, scaled as the model sees latents ((z - shift) x scaling_factor): a
+        Sample with its label, or for captioned data an EncodedSample with its caption's tokens."""
         mean, std = self.posterior(index, flip)
-        latent = mean + std * torch.randn(mean.shape, generator=generator)
-        return Sample((latent - self.shift_factor) * self.scaling_factor, int(self.labels[index]), 0)
+        latent = (mean + std * torch.randn(mean.shape, generator=generator) - self.shift_factor) * self.scaling_factor
+        if self.text is None:
+            return Sample(latent, int(self.labels[index]), 0)
+        shard = int(np.searchsorted(self._starts, index, side="right")) - 1
+        row, handle = index - int(self._starts[shard]), self._handle(shard)
+        text = {"embeds": handle.get_slice("text_embeds")[row:row + 1][0].float(),
+                "mask": handle.get_slice("text_mask")[row:row + 1][0].long()}
+        return EncodedSample(latent, text, 0)
+
+    def null_text(self):
+        """The empty prompt's tokens (T, D) float32 and keep-mask (T,) int64, for caption dropout."""
+        path = os.path.join(self.folder, EMPTY_PROMPT_FILE)
+        try:
+            with safe_open(path, framework="pt") as f:
+                return f.get_tensor("embeds").float(), f.get_tensor("mask").long()
+        except Exception as e:  # missing, truncated or foreign file
+            raise DataError(f"{path}: unreadable empty-prompt tokens ({type(e).__name__}: {e})") from None
 
     def __getitem__(self, index: int) -> Sample:
         if not 0 <= index < len(self):

@@ -23,6 +23,9 @@ class Recipe:
     image_column: str = "image"
     label_column: str = "label"
     class_map: Optional[str] = None  # JSON/text file mapping folder names to class ids
+    caption_column: str = "caption"  # text-to-image models: a HF dataset's caption column
+    text_encoder: Optional[str] = None  # text-to-image models: encodes captions of uncached data and validation prompts
+    text_max_length: int = 300  # text tokens per caption when text_encoder encodes (PixArt-Sigma 300, alpha 120)
     random_flip: bool = True  # ADM: random horizontal flip
     num_workers: int = 4
     # optimisation
@@ -41,7 +44,7 @@ class Recipe:
     ema_half_life_images: Optional[float] = None
     ema_rampup_ratio: Optional[float] = None  # EDM: 0.05
     lr_warmup_steps: int = 0  # linear LR warm-up; DiT has none
-    class_dropout: float = 0.1  # DiT: labels dropped to the null class for CFG
+    class_dropout: float = 0.1  # DiT: labels dropped to the null class for CFG; PixArt: captions to the empty prompt
     mixed_precision: str = "no"  # no | bf16 | fp16
     allow_tf32: bool = True  # DiT allows TF32
     gradient_checkpointing: bool = False
@@ -57,6 +60,8 @@ class Recipe:
     log_every: int = 100
     validate_every: int = 5000  # 0 disables validation grids
     validation_classes: List[int] = field(default_factory=lambda: [207, 360, 387, 974, 88, 979, 417, 279])
+    validation_prompts: List[str] = field(default_factory=lambda: [
+        "a red fox in the snow", "a lighthouse at dusk", "a bowl of ramen, top view", "a portrait of an old sailor"])
     validation_steps: int = 50
     validation_cfg: float = 4.0
     validation_seed: int = 0
@@ -82,7 +87,7 @@ class Recipe:
         """Every problem with the values at once."""
         p = []
         positive = ("resolution", "steps", "global_batch_size", "gradient_accumulation_steps", "checkpoint_every",
-                    "keep_checkpoints", "log_every", "validation_steps")
+                    "keep_checkpoints", "log_every", "validation_steps", "text_max_length")
         p += [f"{k} must be positive, got {getattr(self, k)}" for k in positive if getattr(self, k) <= 0]
         if self.data_kind not in ("auto", "images", "hf", "latents"):
             p.append(f"data_kind {self.data_kind!r} is not one of auto, images, hf, latents")

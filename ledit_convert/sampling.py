@@ -6,23 +6,25 @@ import os
 import time
 import zipfile
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Union
+from typing import Callable, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, DiTTransformer2DModel
 from PIL import Image
 
-from .checkpoints import DIFFUSERS_DIT_CLASSES  # facebook/DiT-XL-2-256 still says Transformer2DModel
+from .checkpoints import DIFFUSERS_DIT_CLASSES, DIFFUSERS_PIXART_CLASSES  # old configs say Transformer2DModel
 from .checkpoints import SourceCheckpoint, build_model, read_checkpoint
 from .compiling import compile_blocks, is_compile_error, is_compiled, uncompile_blocks
 from .errors import CheckpointError, ConfigError, OutputExistsError
 from .model import LEDiTTransformer2DModel
 from .pipeline import SCHEDULER_KINDS, LEDiTPipeline, default_scheduler
+from .text_pipeline import TEXT_DEFAULTS, load_text_pipeline, make_text_scheduler, plan_prompts, source_pipeline
 
 logger = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"  # the VAE DiT was trained with
+TEXT_KINDS = ("pixart", "pixart_diffusers")
 GRID_MAX_IMAGES = 64  # a grid is a preview: 50K-sample runs must not build a gigapixel PNG
 
 
@@ -31,11 +33,17 @@ class ModelSource:
     """Where a transformer lives and what it is: a folder read from JSON only, or a DiT checkpoint file read."""
 
     path: str  # what the user named
-    kind: str  # "ledit" (our LEDiTTransformer2DModel) or "dit" (diffusers DiTTransformer2DModel)
+    kind: str  # "ledit" (our LEDiTTransformer2DModel), "dit" (diffusers DiTTransformer2DModel), "pixart" (our
+    # LEDiTPixArtTransformer2DModel) or "pixart_diffusers" (diffusers PixArtTransformer2DModel)
     transformer_dir: Optional[str]  # None for a checkpoint file
     pipeline_dir: Optional[str]  # the folder holding model_index.json, if any
     config: dict
     checkpoint: Optional[SourceCheckpoint] = None  # a DiT checkpoint file's tensors, run in DiT mode
+
+    @property
+    def text(self) -> bool:
+        """A text-to-image model (sampled from prompts)."""
+        return self.kind in TEXT_KINDS
 
     @property
     def num_classes(self) -> int:
@@ -103,10 +111,14 @@ def inspect_model_dir(model_dir: str) -> ModelSource:
     class_name = config.get("_class_name")
     if class_name == "LEDiTTransformer2DModel":
         kind = "ledit"
+    elif class_name == "LEDiTPixArtTransformer2DModel":
+        kind = "pixart"
+    elif class_name in DIFFUSERS_PIXART_CLASSES and config.get("norm_type") == "ada_norm_single":
+        kind = "pixart_diffusers"
     elif class_name in DIFFUSERS_DIT_CLASSES and config.get("norm_type", "ada_norm_zero") == "ada_norm_zero":
         kind = "dit"
     else:
-        raise CheckpointError(f"{config_path} describes a {class_name}, not a LEDiT or DiT transformer")
+        raise CheckpointError(f"{config_path} describes a {class_name}, not a LEDiT, DiT or PixArt transformer")
     if not any(name.endswith((".safetensors", ".bin")) for name in os.listdir(transformer_dir)):
         raise CheckpointError(f"{transformer_dir} has no weights (*.safetensors or *.bin)")
     return ModelSource(model_dir, kind, transformer_dir, pipeline_dir, config)
@@ -130,13 +142,28 @@ def resolve_vae(vae: Optional[str], source: ModelSource) -> Optional[str]:
     return str(vae)
 
 
+def vae_location(vae: str) -> Tuple[str, str]:
+    """(path, subfolder) of a VAE named by its own folder or id, or by a pipeline (a local folder holding vae/, or
+    a hub id whose root has no VAE config)."""
+    vae = str(vae)
+    if os.path.isdir(vae):
+        own = os.path.isfile(os.path.join(vae, "config.json"))
+        return (vae, "") if own or not os.path.isfile(os.path.join(vae, "vae", "config.json")) else (vae, "vae")
+    try:
+        AutoencoderKL.load_config(vae)
+        return vae, ""
+    except (OSError, ValueError):
+        return vae, "vae"
+
+
 def vae_scale_factor(vae: Optional[str], error: type = CheckpointError) -> int:
     """Pixels per latent cell of a VAE (folder or hub id), from its config alone; 1 without one (pixel space).
     An unreadable config raises `error`."""
     if vae is None:
         return 1
     try:
-        config = AutoencoderKL.load_config(vae)
+        path, sub = vae_location(vae)
+        config = AutoencoderKL.load_config(path, subfolder=sub or None)
     except (OSError, ValueError) as e:
         raise error(f"cannot read the VAE config of {vae}: {str(e).splitlines()[0]}") from None
     return 2 ** (len(config["block_out_channels"]) - 1)
@@ -195,16 +222,22 @@ def assemble_pipeline(transformer, vae_path: Optional[str], noise_scheduler, dev
     """A loaded transformer with its VAE (read from `vae_path`, kept in fp32; None in pixel space) and scheduler, on
     `device`, its blocks compiled if asked. The VAE decodes once per image, so fp32 costs little and avoids fp16
     overflow in SD VAEs."""
-    autoencoder = None
-    if vae_path is not None:
-        try:
-            autoencoder = AutoencoderKL.from_pretrained(vae_path)
-        except (OSError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"cannot load the VAE {vae_path}: {str(e).splitlines()[0]}") from None
-    pipe = LEDiTPipeline(transformer=transformer, vae=autoencoder, scheduler=noise_scheduler).to(_check_device(device))
+    pipe = LEDiTPipeline(transformer=transformer, vae=assemble_vae(vae_path),
+                         scheduler=noise_scheduler).to(_check_device(device))
     if compile:
         compile_blocks(pipe.transformer)
     return pipe
+
+
+def assemble_vae(vae_path: Optional[str]) -> Optional[AutoencoderKL]:
+    """The AutoencoderKL of a folder, pipeline folder or id (float32), or None in pixel space."""
+    if vae_path is None:
+        return None
+    try:
+        path, sub = vae_location(vae_path)
+        return AutoencoderKL.from_pretrained(path, subfolder=sub or None)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"cannot load the VAE {vae_path}: {str(e).splitlines()[0]}") from None
 
 
 def _check_device(device: str) -> torch.device:
@@ -331,6 +364,21 @@ def save_grid(images: List[np.ndarray], path: str, pad: int = 2) -> str:
     return path
 
 
+DIT_DEFAULTS = {"steps": 250, "cfg_scale": 1.5, "scheduler": "ddpm"}  # DiT's sample.py
+
+
+def _check_text_options(model_dir, class_labels, guidance_channels, attention_scaling, causal_to_self_below,
+                        position_mode) -> None:
+    """Options of class-conditional sampling, which diffusers' PixArt pipelines do not take, are refused."""
+    given = [name for name, value in (("--class-labels", class_labels), ("--guidance-channels", guidance_channels),
+                                      ("--attention-scaling", attention_scaling),
+                                      ("--causal-to-self-below", causal_to_self_below),
+                                      ("--position-mode", position_mode)) if value]
+    if given:
+        raise ConfigError(f"{model_dir} is a text-to-image model: {', '.join(given)} apply to class-conditional "
+                          f"models only")
+
+
 def sample_images(
     model_dir: str,
     vae: Optional[str] = None,
@@ -338,14 +386,14 @@ def sample_images(
     width: Optional[int] = None,
     class_labels: Optional[List[int]] = None,
     num_samples: int = 16,
-    steps: int = 250,
-    cfg_scale: float = 1.5,
-    guidance_channels: Union[int, str, None] = 3,
+    steps: Optional[int] = None,
+    cfg_scale: Optional[float] = None,
+    guidance_channels: Union[int, str, None] = None,
     seed: int = 0,
     batch_size: int = 16,
     device: str = "cpu",
     dtype: str = "fp32",
-    scheduler: str = "ddpm",
+    scheduler: Optional[str] = None,
     attention_scaling: Optional[str] = None,
     causal_to_self_below: Optional[int] = None,
     position_mode: Optional[str] = None,
@@ -357,6 +405,10 @@ def sample_images(
     compile: bool = False,
     num_heads: Optional[int] = None,
     progress: Optional[Callable[[int, int], None]] = None,
+    prompts: Optional[List[str]] = None,
+    negative_prompt: str = "",
+    text_encoder: Optional[str] = None,
+    max_length: int = 300,
 ) -> SampleResult:
     """Generate `num_samples` images and write PNGs, a grid and optionally an ADM-format npz.
 
@@ -369,23 +421,45 @@ def sample_images(
     vae/, else none for a pixel-space model (3 input channels), else stabilityai/sd-vae-ft-ema (`resolve_vae`).
     `height`/`width` are pixels (default: the training size). `compile=True` compiles the transformer blocks; if
     compilation fails at the first batch, sampling warns and goes on eagerly.
+
+    A text-to-image model (PixArt) samples `prompts` (cycled) with `negative_prompt`, encoded by `text_encoder`
+    (`max_length` tokens); its VAE and text encoder default to the pipeline folder it was converted from. Defaults
+    follow the family: DiT 250 ddpm steps at CFG 1.5 on 3 channels, PixArt 20 dpm steps at CFG 4.5.
     """
     # 1. Validate everything that needs no weights
     started = time.perf_counter()
     if dtype not in DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not one of {tuple(DTYPES)}")
-    if scheduler not in SCHEDULER_KINDS:
+    _check_device(device)
+    source = open_model(model_dir, num_heads=num_heads)
+    defaults = TEXT_DEFAULTS if source.text else DIT_DEFAULTS
+    steps = defaults["steps"] if steps is None else steps
+    cfg_scale = defaults["cfg_scale"] if cfg_scale is None else cfg_scale
+    scheduler = defaults["scheduler"] if scheduler is None else scheduler
+    if source.text:
+        make_text_scheduler(scheduler)  # refuses the learned-variance ddpm
+    elif scheduler not in SCHEDULER_KINDS:
         raise ConfigError(f"scheduler {scheduler!r} is not one of {SCHEDULER_KINDS}")
     for name, value in (("num_samples", num_samples), ("batch_size", batch_size), ("steps", steps)):
         if value < 1:
             raise ConfigError(f"{name} {value} must be at least 1")
-    _check_device(device)
-    source = open_model(model_dir, num_heads=num_heads)
-    num_classes = source.num_classes
-    for label in class_labels or []:
-        if not 0 <= label < num_classes:
-            raise ConfigError(f"class label {label} is out of range: {model_dir} has {num_classes} classes (0..{num_classes - 1})")
-    multiple = vae_scale_factor(resolve_vae(vae, source)) * source.config["patch_size"]
+    if source.text:
+        _check_text_options(model_dir, class_labels, guidance_channels, attention_scaling, causal_to_self_below,
+                            position_mode)
+        labels = plan_prompts(num_samples, list(prompts or []))
+        vae_path = vae or source_pipeline(source.transformer_dir)
+    else:
+        if prompts:
+            raise ConfigError(f"{model_dir} is class-conditional: it takes --class-labels, not prompts")
+        num_classes = source.num_classes
+        for label in class_labels or []:
+            if not 0 <= label < num_classes:
+                raise ConfigError(f"class label {label} is out of range: {model_dir} has {num_classes} classes "
+                                  f"(0..{num_classes - 1})")
+        vae_path = resolve_vae(vae, source)
+        labels = plan_labels(num_samples, class_labels, num_classes)
+        guidance_channels = 3 if guidance_channels is None else guidance_channels
+    multiple = vae_scale_factor(vae_path) * source.config["patch_size"]
     default_size = source.config["sample_size"] * (multiple // source.config["patch_size"])
     height = default_size if height is None else height
     width = default_size if width is None else width
@@ -396,13 +470,19 @@ def sample_images(
         raise OutputExistsError(f"output folder {output_dir} is not empty; pass overwrite=True to write into it")
 
     # 2. Load, then check the options that depend on the model class (LEDiT-only options on a DiT, ...)
-    pipe = load_pipeline(source, vae=vae, scheduler=scheduler, device=device, dtype=dtype, compile=compile)
+    if source.text:
+        pipe = load_text_pipeline(source.transformer_dir, source.kind, vae_path, text_encoder, scheduler, device,
+                                  DTYPES[dtype], negative_prompt, max_length)
+        if compile:
+            compile_blocks(pipe.transformer)
+        call = dict(height=height, width=width, num_inference_steps=steps, guidance_scale=cfg_scale)
+    else:
+        pipe = load_pipeline(source, vae=vae, scheduler=scheduler, device=device, dtype=dtype, compile=compile)
+        call = dict(height=height, width=width, num_inference_steps=steps, guidance_scale=cfg_scale,
+                    guidance_channels=guidance_channels, attention_scaling=attention_scaling,
+                    causal_to_self_below=causal_to_self_below, position_mode=position_mode)
+        check_call(pipe, labels, **call)
     pipe.set_progress_bar_config(disable=True)  # the caller reports progress per batch
-    labels = plan_labels(num_samples, class_labels, num_classes)
-    call = dict(height=height, width=width, num_inference_steps=steps, guidance_scale=cfg_scale,
-                guidance_channels=guidance_channels, attention_scaling=attention_scaling,
-                causal_to_self_below=causal_to_self_below, position_mode=position_mode)
-    check_call(pipe, labels, **call)
 
     # 3. Sample batch by batch, streaming to disk
     os.makedirs(output_dir, exist_ok=True)
@@ -414,7 +494,8 @@ def sample_images(
         for start, images, batch_labels in iter_samples(pipe, labels, seed, batch_size, **call):
             for i, (image, label) in enumerate(zip(images, batch_labels)):
                 if write_png:
-                    path = os.path.join(output_dir, f"{start + i:06d}_class{label}.png")
+                    name = f"{start + i:06d}.png" if source.text else f"{start + i:06d}_class{label}.png"
+                    path = os.path.join(output_dir, name)
                     Image.fromarray(image).save(path)
                     result.image_paths.append(path)
                 if write_grid and len(grid) < GRID_MAX_IMAGES:
@@ -423,13 +504,16 @@ def sample_images(
                 writer.append(images)
             if progress is not None:
                 progress(min(start + batch_size, num_samples), num_samples)
-        if writer is not None:
-            result.npz_path = writer.close(labels)
+        if writer is not None:  # a text model's arr_1 holds each image's index into the prompts
+            result.npz_path = writer.close([i % len(prompts) for i in range(num_samples)] if source.text else labels)
     except BaseException:
         if writer is not None:
             writer.abort()
         raise
     if write_grid:
         result.grid_path = save_grid(grid, os.path.join(output_dir, "grid.png"))
+    if source.text:  # image i's prompt on line i + 1
+        with open(os.path.join(output_dir, "prompts.txt"), "w", encoding="utf-8") as f:
+            f.write("".join(p.replace("\n", " ") + "\n" for p in labels))
     result.seconds = time.perf_counter() - started
     return result

@@ -1,30 +1,34 @@
-"""The pieces of one training step that every training loop shares: DiT's loss on a batch, the EMA and LR
-schedules. `finetune` (accelerate, any data) and `fastloop` (data on the device, CUDA graphs) both build their
-step from these, so the two loops train the same objective with the same schedules."""
+"""The pieces of one training step that every training loop shares: DiT's loss on a batch (class ids or text),
+the EMA and LR schedules. `finetune` (accelerate, any data) and `fastloop` (data on the device, CUDA graphs) both
+build their step from these, so the two loops train the same objective with the same schedules."""
 import math
 from contextlib import nullcontext
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
 from .diffusion import DiffusionSchedule
+from .text import TextCondition
 
 
-def diffusion_loss(model, schedule: DiffusionSchedule, x0: torch.Tensor, labels: torch.Tensor,
+def diffusion_loss(model, schedule: DiffusionSchedule, x0: torch.Tensor, labels: Union[torch.Tensor, TextCondition],
                    generator: Optional[torch.Generator], class_dropout: float, null_class: int, learn_sigma: bool,
                    autocast=nullcontext, per_sample: bool = False):
     """DiT's loss on a batch of clean inputs (scalar, mean over the batch); every draw comes from `generator`.
 
-    The draws, in order: timesteps, noise, class dropout. Labels dropped go to `null_class` (CFG). With
-    `per_sample`, the per-sample terms {"loss", "mse", "vb"} and the timesteps "t" instead of the mean."""
+    `labels` are class ids (a DiT) or a `TextCondition` (a PixArt). The draws, in order: timesteps, noise,
+    condition dropout. Labels dropped go to `null_class`, captions to the empty prompt (CFG). With `per_sample`,
+    the per-sample terms {"loss", "mse", "vb"} and the timesteps "t" instead of the mean."""
     b = x0.shape[0]
     t = schedule.sample_timesteps(b, x0.device, generator)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device)
     drop = torch.rand(b, generator=generator, device=x0.device) < class_dropout
-    labels = torch.where(drop, torch.full_like(labels, null_class), labels)
     x_t = schedule.q_sample(x0, t, noise)
     with autocast():
-        out = model(x_t, t, labels).sample
+        if isinstance(labels, TextCondition):
+            out = model(x_t, timestep=t, **labels.model_kwargs(drop)).sample
+        else:
+            out = model(x_t, t, torch.where(drop, torch.full_like(labels, null_class), labels)).sample
     terms = schedule.training_losses(out, x0, x_t, t, noise, learn_sigma)
     return dict(terms, t=t) if per_sample else terms["loss"].mean()
 

@@ -42,3 +42,36 @@ def tiny_vae(seed: int = 0) -> AutoencoderKL:
                         up_block_types=("UpDecoderBlock2D",) * len(VAE_BLOCKS), layers_per_block=1,
                         norm_num_groups=4, sample_size=32)
     return randomize_(vae, seed, std=0.2)
+
+
+TEXT_WIDTH = 16  # the tiny T5's d_model: a tiny PixArt's caption_channels
+WORDS = ("a red blue green fox cat dog in the snow sea at dusk lighthouse bowl of ramen top view portrait old "
+         "sailor square circle small big on white black background").split()
+
+
+def tiny_tokenizer():
+    """A word-level fast tokenizer with T5's special tokens (pad 0, eos 1, unk 2) that appends </s>, built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def tiny_t5(seed: int = 0, width: int = TEXT_WIDTH):
+    """A two-layer T5 encoder with seeded weights."""
+    from transformers import T5Config, T5EncoderModel
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=len(WORDS) + 3, d_model=width, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
+                      relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", pad_token_id=0,
+                      eos_token_id=1, decoder_start_token_id=0)
+    return T5EncoderModel(config).eval()
+
+
+def save_text_encoder(folder, seed: int = 0, width: int = TEXT_WIDTH):
+    """text_encoder/ and tokenizer/ under `folder`, as a PixArt pipeline folder holds them."""
+    tiny_t5(seed, width).save_pretrained(f"{folder}/text_encoder")
+    tiny_tokenizer().save_pretrained(f"{folder}/tokenizer")
+    return folder
