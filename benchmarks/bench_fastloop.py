@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ledit_convert.data import ArrayImageDataset  # noqa: E402
-from ledit_convert.fastcheck import measure_throughput  # noqa: E402
-from ledit_convert.fastloop import Arm, ArmConfig, DeviceData  # noqa: E402
-from ledit_convert.model import LEDiTTransformer2DModel  # noqa: E402
-from ledit_convert.shapes import ShapesDataset  # noqa: E402
+from ledit_convert.data.images import ArrayImageDataset  # noqa: E402
+from ledit_convert.training.fastcheck import measure_throughput  # noqa: E402
+from ledit_convert.training.fastloop import Arm, ArmConfig, DeviceData  # noqa: E402
+from ledit_convert.models.dit import LEDiTTransformer2DModel  # noqa: E402
+from ledit_convert.replication.shapes import ShapesDataset  # noqa: E402
 
 MODEL = dict(sample_size=32, patch_size=2, in_channels=3, out_channels=6, hidden_size=128, num_layers=8,
              num_attention_heads=4, num_classes=4, attention_layout=["self", "causal"] * 4)
@@ -30,9 +30,9 @@ MODEL = dict(sample_size=32, patch_size=2, in_channels=3, out_channels=6, hidden
 
 def finetune_rate(model_cfg, images, labels, batch: int, steps: int, warmup: int, device: str) -> float:
     """images/s of finetune's own step loop (train_step + EMA) after `warmup` untimed steps."""
-    from ledit_convert.finetune import setup, train_step
-    from ledit_convert.recipe import load_recipe
-    from ledit_convert.runstate import update_ema
+    from ledit_convert.training.finetune import setup, train_step
+    from ledit_convert.training.recipe import load_recipe
+    from ledit_convert.training.runstate import update_ema
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
         LEDiTTransformer2DModel(**model_cfg).save_pretrained(f"{tmp}/model")

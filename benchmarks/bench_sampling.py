@@ -10,7 +10,7 @@ DiT (pipeline overhead), then our pipeline with a stock DiT (our class, sin/cos,
 peer at every size) and with the LEDiT at 1x, 2x (non-square) and 4x tokens, and the LEDiT at 4x with its causal
 blocks run as self-attention (what the causal blocks cost). DDIM for all: DiTPipeline cannot run DDPM
 "learned_range" (it drops the variance channels the scheduler then asks for). --compile adds the stock DiT
-and the LEDiT with compiled blocks (ledit_convert.compiling; compile time is spent in the warm-up).
+and the LEDiT with compiled blocks (ledit_convert.models.compiling; compile time is spent in the warm-up).
 Prints a table and one JSON line with the ratios the targets name; all measured in this run, on this machine.
 """
 import argparse
@@ -26,8 +26,8 @@ from diffusers.utils import logging as diffusers_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_train import DTYPES, build, sync  # noqa: E402  (this folder is on sys.path)
-from ledit_convert.compiling import compile_blocks  # noqa: E402
-from ledit_convert.pipeline import LEDiTPipeline, default_scheduler  # noqa: E402
+from ledit_convert.models.compiling import compile_blocks  # noqa: E402
+from ledit_convert.inference.pipeline import LEDiTPipeline, default_scheduler  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -31,7 +31,7 @@ print(dt, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 SURGERY = """
 import sys, time, resource
-from ledit_convert.surgery import SurgeryOptions, surgery_to_folder
+from ledit_convert.conversion.surgery import SurgeryOptions, surgery_to_folder
 t0 = time.perf_counter()
 surgery_to_folder(sys.argv[1], sys.argv[2], SurgeryOptions(), overwrite=True)
 dt = time.perf_counter() - t0
@@ -39,7 +39,7 @@ print(dt, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 """
 
 IDLE = """
-import resource, torch, safetensors.torch, ledit_convert.surgery
+import resource, torch, safetensors.torch, ledit_convert.conversion.surgery
 print(0.0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 """
 
@@ -48,7 +48,7 @@ def make_checkpoint(path: Path, depth: int, hidden: int, patch: int = 2, grid: i
     """A random DiT state dict in facebookresearch's format; returns its tensor bytes."""
     import torch
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from ledit_convert.model import sincos_position_table
+    from ledit_convert.models.dit import sincos_position_table
     g = torch.Generator().manual_seed(0)
     sd = {"x_embedder.proj.weight": (hidden, 4, patch, patch), "x_embedder.proj.bias": (hidden,),
           "t_embedder.mlp.0.weight": (hidden, 256), "t_embedder.mlp.0.bias": (hidden,),

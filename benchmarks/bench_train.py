@@ -8,7 +8,7 @@ Arms, measured in one run with the same random latents, batch and optimizer (Ada
   blocks, scan d, locality conv, dilation in training). Each step is forward + MSE + backward +
   optimizer step. Prints a table (step time, images/s, peak memory, model FLOPs utilisation) and
   one JSON line; ratios are against (a). --compile compiles every arm's transformer blocks the same
-  way (regional torch.compile, ledit_convert.compiling). Peak memory: allocator peak on CUDA; on the
+  way (regional torch.compile, ledit_convert.models.compiling). Peak memory: allocator peak on CUDA; on the
   CPU, the peak RSS of a child process that builds and trains only that arm.
 """
 import argparse
@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ledit_convert.compiling import compile_blocks  # noqa: E402
-from ledit_convert.model import LEDiTTransformer2DModel  # noqa: E402
+from ledit_convert.models.compiling import compile_blocks  # noqa: E402
+from ledit_convert.models.dit import LEDiTTransformer2DModel  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VARIANTS = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}

@@ -24,13 +24,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ledit_convert.checkpoints import build_model, read_checkpoint  # noqa: E402
-from ledit_convert.diffusion import DiffusionSchedule  # noqa: E402
-from ledit_convert.fastloop import Arm, ArmConfig, DeviceData, train_concurrently  # noqa: E402
-from ledit_convert.periodic import heldout_loss  # noqa: E402
-from ledit_convert.probe import norm_matching_factor, probe_model, rescale_patch_embedding  # noqa: E402
-from ledit_convert.shapes import ShapesDataset  # noqa: E402
-from ledit_convert.surgery import convert  # noqa: E402
+from ledit_convert.conversion.checkpoints import build_model, read_checkpoint  # noqa: E402
+from ledit_convert.training.diffusion import DiffusionSchedule  # noqa: E402
+from ledit_convert.training.fastloop import Arm, ArmConfig, DeviceData, train_concurrently  # noqa: E402
+from ledit_convert.training.periodic import heldout_loss  # noqa: E402
+from ledit_convert.replication.probe import norm_matching_factor, probe_model, rescale_patch_embedding  # noqa: E402
+from ledit_convert.replication.shapes import ShapesDataset  # noqa: E402
+from ledit_convert.conversion.surgery import convert  # noqa: E402
 from replicate import ARMS  # noqa: E402
 
 BASE = Path(__file__).resolve().parents[1] / "ledit_convert" / "assets" / "shapes-dit-base.pt"

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ledit_convert.compiling import compile_blocks  # noqa: E402
-from ledit_convert.model import CAUSAL_SCANS, LEDiTTransformer2DModel  # noqa: E402
+from ledit_convert.models.compiling import compile_blocks  # noqa: E402
+from ledit_convert.models.dit import CAUSAL_SCANS, LEDiTTransformer2DModel  # noqa: E402
 
 
 def rel(a, b):
@@ -45,9 +45,9 @@ def step_host_syncs(device: str) -> str:
     import numpy as np
     from PIL import Image
 
-    from ledit_convert.finetune import setup, train_step
-    from ledit_convert.recipe import load_recipe
-    from ledit_convert.runstate import update_ema
+    from ledit_convert.training.finetune import setup, train_step
+    from ledit_convert.training.recipe import load_recipe
+    from ledit_convert.training.runstate import update_ema
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         LEDiTTransformer2DModel(sample_size=16, patch_size=2, in_channels=3, out_channels=6, hidden_size=64,
@@ -156,7 +156,7 @@ def main():
     try:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
         from factories import diffusers_dit
-        from ledit_convert.checkpoints import build_model, read_checkpoint
+        from ledit_convert.conversion.checkpoints import build_model, read_checkpoint
         peer = diffusers_dit(seed=3, hidden=256, depth=4, heads=4, sample_size=32)
         with tempfile.TemporaryDirectory() as tmp:  # through the reader users go through
             peer.save_pretrained(tmp)

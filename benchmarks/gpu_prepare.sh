@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 mkdir -p .gpu .whl
 python3 - <<'PY'
 import torch
-from ledit_convert.fid import default_weights_path
+from ledit_convert.evaluation.fid import default_weights_path
 m = torch.jit.load(default_weights_path(), map_location="cpu")
 for _, t in list(m.named_parameters()) + list(m.named_buffers()):
     if t.is_floating_point():

@@ -16,9 +16,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from ledit_convert.checkpoints import build_model, read_checkpoint  # noqa: E402
-from ledit_convert.probe import probe_model, token_norms  # noqa: E402
-from ledit_convert.shapes import ShapesDataset  # noqa: E402
+from ledit_convert.conversion.checkpoints import build_model, read_checkpoint  # noqa: E402
+from ledit_convert.replication.probe import probe_model, token_norms  # noqa: E402
+from ledit_convert.replication.shapes import ShapesDataset  # noqa: E402
 
 SHIPPED = [str(ROOT / "ledit_convert/assets/shapes-dit-base.pt"), str(ROOT / "ledit_convert/assets/shapes-ledit")]
 

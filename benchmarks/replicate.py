@@ -35,16 +35,16 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ledit_convert.checkpoints import build_model, read_checkpoint  # noqa: E402
-from ledit_convert.diffusion import DiffusionSchedule  # noqa: E402
-from ledit_convert.evaluate import label, markdown_table, plot_metric, reference_from_images  # noqa: E402
-from ledit_convert.fastcheck import check_graphed_matches_eager  # noqa: E402
-from ledit_convert.fastloop import Arm, ArmConfig, DeviceData, train_concurrently  # noqa: E402
-from ledit_convert.model import LEDiTTransformer2DModel, sincos_position_table  # noqa: E402
-from ledit_convert.periodic import EvalPlan, heldout_loss, sample_images, score_samples  # noqa: E402
-from ledit_convert.probe import norm_matching_factor, probe_model, rescale_patch_embedding  # noqa: E402
-from ledit_convert.shapes import ShapesDataset  # noqa: E402
-from ledit_convert.surgery import SurgeryOptions, convert  # noqa: E402
+from ledit_convert.conversion.checkpoints import build_model, read_checkpoint  # noqa: E402
+from ledit_convert.training.diffusion import DiffusionSchedule  # noqa: E402
+from ledit_convert.evaluation.evaluate import label, markdown_table, plot_metric, reference_from_images  # noqa: E402
+from ledit_convert.training.fastcheck import check_graphed_matches_eager  # noqa: E402
+from ledit_convert.training.fastloop import Arm, ArmConfig, DeviceData, train_concurrently  # noqa: E402
+from ledit_convert.models.dit import LEDiTTransformer2DModel, sincos_position_table  # noqa: E402
+from ledit_convert.training.periodic import EvalPlan, heldout_loss, sample_images, score_samples  # noqa: E402
+from ledit_convert.replication.probe import norm_matching_factor, probe_model, rescale_patch_embedding  # noqa: E402
+from ledit_convert.replication.shapes import ShapesDataset  # noqa: E402
+from ledit_convert.conversion.surgery import SurgeryOptions, convert  # noqa: E402
 
 BASE = 32
 RESOLUTIONS = [(32, 32), (48, 48), (64, 64), (48, 64)]
@@ -264,13 +264,13 @@ class Experiment:
     def extractor(self):
         if self.args.features == "pixels":
             return PixelFeatures()
-        from ledit_convert.fid import InceptionFeatures
+        from ledit_convert.evaluation.fid import InceptionFeatures
         return InceptionFeatures(self.args.inception_weights, device=self.device)
 
     def references(self):
         """Real renders at each size (seed 1000): FID references and the classifiers that name their shapes."""
         if self._refs is None:
-            from ledit_convert.structure import train_shape_classifier
+            from ledit_convert.replication.structure import train_shape_classifier
             self._extractor = self.extractor()
             self._refs, self._classifiers = {}, {}
             for res in RESOLUTIONS:
@@ -289,7 +289,7 @@ class Experiment:
     def score(self, model, arm: str, seed: int, budget: int, weights: str, resolutions, position_mode=None,
               images_at=None) -> list:
         """Rows for one model at these sizes (cached in rows.jsonl); held-out loss and the probe at the base size."""
-        from ledit_convert.structure import shape_accuracy
+        from ledit_convert.replication.structure import shape_accuracy
         plan, new = self.plan(), []
         model = model.to(self.device).eval()
         for res in resolutions:
@@ -420,7 +420,7 @@ def phase_base(exp: Experiment) -> None:
             break
     to_facebook_format(arm.ema, exp.base_path)
     (base_dir / "provenance.json").write_text(json.dumps({
-        "trained_by": "benchmarks/replicate.py (ledit_convert.fastloop, DiT's objective)",
+        "trained_by": "benchmarks/replicate.py (ledit_convert.training.fastloop, DiT's objective)",
         "data": f"ShapesDataset({exp.cfg['train_items']}, {BASE}, num_classes=4, seed=0)",
         "images_seen": arm.step_count * exp.cfg["batch"], "config": dataclasses.asdict(exp.arm_config(0)),
         "seconds": time.time() - t0, "device": device_name(exp.device), "torch": torch.__version__}, indent=2))

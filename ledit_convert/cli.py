@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import LeditError
-from .model import CAUSAL_SCANS
+from .models.dit import CAUSAL_SCANS
 
 app = typer.Typer(
     name="ledit-convert",
@@ -112,7 +112,7 @@ def surgery(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
 ):
     """Convert a stock DiT into an LEDiT: drop the positional encoding, add causal blocks and the locality conv."""
-    from .surgery import SurgeryOptions, surgery_to_folder
+    from .conversion.surgery import SurgeryOptions, surgery_to_folder
     opts = SurgeryOptions(causal_layers=causal_layers, scan=scan, locality=locality, kernel_size=kernel_size,
                           dilation_prob=dilation_prob, dilation_rates=_int_list(dilation_rates, "--dilation-rates"),
                           post_norm=post_norm, attention_scaling=attention_scaling)
@@ -150,7 +150,7 @@ def inspect(
     image_size: Optional[int] = typer.Option(None, help="Training image size in pixels, when no pos_embed says it."),
 ):
     """Say what a file or folder is: format, variant, parameters, attention layout, provenance."""
-    from .checkpoints import describe, read_checkpoint
+    from .conversion.checkpoints import describe, read_checkpoint
     ckpt = read_checkpoint(path, num_heads=num_heads, image_size=image_size)
     summary = describe(ckpt)
     conv = ckpt.state_dict.get("locality_conv.conv.weight")
@@ -216,8 +216,8 @@ def sample(
     """Generate class-conditional images, or text-to-image ones from prompts, at any height and width."""
     from rich.progress import Progress
 
-    from .sampling import sample_images
-    from .text import read_prompts
+    from .inference.sampling import sample_images
+    from .data.text import read_prompts
     labels = _int_list(class_labels, "--class-labels") if class_labels else None
     prompts = list(prompt or []) + (read_prompts(str(prompts_file)) if prompts_file else [])
     total = num_samples or (len(labels) if labels else len(prompts) if prompts else 16)
@@ -256,9 +256,9 @@ def finetune(
     override: List[str] = typer.Option([], "--set", help="Any recipe key: --set ema_decay=0.999 (repeatable)."),
 ):
     """Fine-tune a converted model with DiT's objective (accelerate: 1 or N processes, CPU or GPU)."""
-    from .finetune import finetune as run_finetune
-    from .finetune import validation_grids
-    from .recipe import load_recipe, parse_overrides
+    from .training.finetune import finetune as run_finetune
+    from .training.finetune import validation_grids
+    from .training.recipe import load_recipe, parse_overrides
     overrides = parse_overrides(override)
     overrides.update({k: v for k, v in dict(steps=steps, global_batch_size=batch_size,
                                             checkpoint_every=checkpoint_every, vae=vae, lora_rank=lora_rank,
@@ -339,16 +339,16 @@ def evaluate(
     """FID (+ precision/recall) of models at several resolutions: rich table, JSON, markdown and a PNG plot."""
     from rich.progress import Progress
 
-    from .evaluate import (check_models, evaluate_models, parse_model_spec, parse_references, parse_resolution,
+    from .evaluation.evaluate import (check_models, evaluate_models, parse_model_spec, parse_references, parse_resolution,
                            pipeline_generator, reference_from_path, write_report)
-    from .fid import InceptionFeatures
+    from .evaluation.fid import InceptionFeatures
     specs = [parse_model_spec(m) for m in model]
     check_models(specs)
     res_list = [parse_resolution(r) for r in resolutions.split(",") if r.strip()]
     ref_paths = parse_references(reference, res_list)
     device = _device(device)
     channels = _guidance(guidance_channels)
-    from .text import read_prompts
+    from .data.text import read_prompts
     prompts = read_prompts(str(prompts_file)) if prompts_file else None
     settings = dict(num_samples=num_samples, steps=steps, cfg_scale=cfg_scale, guidance_channels=channels,
                     scheduler=scheduler, seed=seed, batch_size=batch_size, device=device, dtype=dtype, compile=compile,
@@ -413,12 +413,12 @@ def cache_latents_cmd(
     runs them (the fast path for real runs)."""
     from rich.progress import Progress
 
-    from .data import CaptionedImageFolder, ImageFolderDataset, HFImageDataset, detect_data_kind, load_class_map
-    from .finetune import load_vae
-    from .latents import cache_latents
+    from .data.images import CaptionedImageFolder, ImageFolderDataset, HFImageDataset, detect_data_kind, load_class_map
+    from .training.finetune import load_vae
+    from .data.latents import cache_latents
     from .errors import DataError
-    from .sampling import check_dtype
-    from .text import load_text_encoder
+    from .inference.sampling import check_dtype
+    from .data.text import load_text_encoder
     torch_dtype = check_dtype(dtype)
     kind = detect_data_kind(data)
     if kind == "latents":

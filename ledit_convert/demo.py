@@ -47,8 +47,8 @@ class DemoResult:
 
 
 def _sample(model, height: int, width: int, settings: DemoSettings, position_mode=None) -> np.ndarray:
-    from .pipeline import LEDiTPipeline, default_scheduler
-    from .sampling import sample_array
+    from .inference.pipeline import LEDiTPipeline, default_scheduler
+    from .inference.sampling import sample_array
     pipe = LEDiTPipeline(transformer=model.eval(), vae=None, scheduler=default_scheduler("ddpm"))
     pipe.set_progress_bar_config(disable=True)
     labels = [c for c in range(NUM_CLASSES) for _ in range(settings.per_class)]
@@ -82,15 +82,15 @@ def _sheet(rows: List[Dict], path: Path, base: int) -> Path:
 def run_demo(output_dir, settings: Optional[DemoSettings] = None,
              say: Callable[[str], None] = print, overwrite: bool = False) -> DemoResult:
     """Run every step of the demo into output_dir and return what was measured."""
-    from .checkpoints import build_model, read_checkpoint
-    from .data import ArrayImageDataset
+    from .conversion.checkpoints import build_model, read_checkpoint
+    from .data.images import ArrayImageDataset
     from .errors import ConfigError, OutputExistsError
-    from .finetune import finetune
-    from .model import LEDiTTransformer2DModel
-    from .recipe import load_recipe
-    from .shapes import ShapesDataset
-    from .structure import object_stats
-    from .surgery import SurgeryOptions, surgery_to_folder
+    from .training.finetune import finetune
+    from .models.dit import LEDiTTransformer2DModel
+    from .training.recipe import load_recipe
+    from .replication.shapes import ShapesDataset
+    from .replication.structure import object_stats
+    from .conversion.surgery import SurgeryOptions, surgery_to_folder
 
     settings = settings or DemoSettings()
     out = Path(output_dir)

@@ -2,7 +2,7 @@
 import torch
 from diffusers import AutoencoderKL, DiTTransformer2DModel
 
-from ledit_convert.model import LEDiTTransformer2DModel
+from ledit_convert.models.dit import LEDiTTransformer2DModel
 
 NUM_CLASSES = 10
 SAMPLE_SIZE = 8  # latent side at the training resolution

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from factories import CFG_TINY, diffusers_dit, facebook_state_dict, facebook_train_checkpoint, inputs, rel_err
-from ledit_convert.checkpoints import build_model, read_checkpoint
+from ledit_convert.conversion.checkpoints import build_model, read_checkpoint
 from ledit_convert.errors import CheckpointError
 from reference import reference_forward
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch._dynamo.exc import TorchDynamoException
 
-import ledit_convert.model as model_module
-from ledit_convert.compiling import compile_blocks, is_compiled, repeated_blocks, uncompile_blocks
-from ledit_convert.model import CAUSAL_SCANS
+import ledit_convert.models.dit as model_module
+from ledit_convert.models.compiling import compile_blocks, is_compiled, repeated_blocks, uncompile_blocks
+from ledit_convert.models.dit import CAUSAL_SCANS
 
 from _tiny import tiny_dit, tiny_ledit, tiny_vae
 from factories import inputs, rel_err
@@ -125,7 +125,7 @@ def test_sample_command_with_compile(tmp_path, caplog):
 
 
 def test_sampling_falls_back_to_eager_when_compile_fails(tmp_path, monkeypatch, caplog):
-    from ledit_convert.sampling import sample_images
+    from ledit_convert.inference.sampling import sample_images
     tiny_ledit().save_pretrained(tmp_path / "model")
     tiny_vae().save_pretrained(tmp_path / "vae")
 
@@ -143,9 +143,9 @@ def test_finetune_compiled_matches_eager(tmp_path, caplog, monkeypatch):
     """recipe compile=true: the same losses and weights as an eager run, with dilated and plain steps mixed."""
     from safetensors.torch import load_file
 
-    from ledit_convert.finetune import finetune
-    from ledit_convert.model import LocalityConv
-    from ledit_convert.recipe import load_recipe
+    from ledit_convert.training.finetune import finetune
+    from ledit_convert.models.dit import LocalityConv
+    from ledit_convert.training.recipe import load_recipe
     from test_finetune import BASE, make_images, make_model
     draws = []
     sample = LocalityConv.sample_dilation
@@ -170,7 +170,7 @@ def test_a_machine_without_a_cpp_compiler_samples_eagerly(tmp_path, caplog):
     import numpy as np
     import torch._inductor.config as inductor_config
 
-    from ledit_convert.sampling import sample_images
+    from ledit_convert.inference.sampling import sample_images
     tiny_ledit().save_pretrained(tmp_path / "model")
     tiny_vae().save_pretrained(tmp_path / "vae")
     common = dict(vae=str(tmp_path / "vae"), num_samples=2, steps=1, scheduler="ddim", write_grid=False,

@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from ledit_convert.data import (HFImageDataset, ImageFolderDataset, Sample, center_crop_arr, imagenet_synsets,
+from ledit_convert.data.images import (HFImageDataset, ImageFolderDataset, Sample, center_crop_arr, imagenet_synsets,
                                 open_training_data)
 from ledit_convert.errors import DataError, OutputExistsError
-from ledit_convert.latents import CachedLatentsDataset, cache_latents
+from ledit_convert.data.latents import CachedLatentsDataset, cache_latents
 
 RES = 16
 

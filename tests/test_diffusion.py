@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from ledit_convert.diffusion import DiffusionSchedule
+from ledit_convert.training.diffusion import DiffusionSchedule
 
 T = 1000
 

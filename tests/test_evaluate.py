@@ -11,7 +11,7 @@ from _tiny import tiny_ledit, tiny_vae
 from factories import facebook_state_dict
 from ledit_convert.cli import app
 from ledit_convert.errors import ConfigError
-from ledit_convert.evaluate import (markdown_table, parse_model_spec, parse_references, parse_resolution,
+from ledit_convert.evaluation.evaluate import (markdown_table, parse_model_spec, parse_references, parse_resolution,
                                     plot_metric)
 
 
@@ -64,7 +64,7 @@ def test_evaluate_compiles_per_model_and_falls_back(tmp_path, monkeypatch, caplo
     """--compile reaches the sampler; a compile failure at a resolution's first batch goes on eagerly."""
     from torch._dynamo.exc import TorchDynamoException
 
-    from ledit_convert.evaluate import pipeline_generator
+    from ledit_convert.evaluation.evaluate import pipeline_generator
     tiny_ledit().save_pretrained(tmp_path / "ledit")
     tiny_vae().save_pretrained(tmp_path / "vae")
     settings = dict(num_samples=3, steps=1, cfg_scale=1.5, guidance_channels=3, scheduler="ddim", seed=0,

@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from _tiny import randomize_
-from ledit_convert.data import ArrayImageDataset
+from ledit_convert.data.images import ArrayImageDataset
 from ledit_convert.errors import ConfigError, DataError
-from ledit_convert.fastcheck import compare_arms, measure_throughput
-from ledit_convert.fastloop import Arm, ArmConfig, DeviceData, train_concurrently
-from ledit_convert.model import LEDiTTransformer2DModel
-from ledit_convert.trainstep import ema_decay, learning_rate
+from ledit_convert.training.fastcheck import compare_arms, measure_throughput
+from ledit_convert.training.fastloop import Arm, ArmConfig, DeviceData, train_concurrently
+from ledit_convert.models.dit import LEDiTTransformer2DModel
+from ledit_convert.training.trainstep import ema_decay, learning_rate
 
 CLASSES = 3
 
@@ -71,9 +71,9 @@ def test_device_data_draws_stored_images_and_their_mirrors():
 
 
 def test_eager_step_equals_finetune_step(tmp_path):
-    from ledit_convert.finetune import _step, setup
-    from ledit_convert.recipe import load_recipe
-    from ledit_convert.runstate import update_ema
+    from ledit_convert.training.finetune import _step, setup
+    from ledit_convert.training.recipe import load_recipe
+    from ledit_convert.training.runstate import update_ema
     tiny_model().save_pretrained(tmp_path / "model")
     images, labels = pixels()
     hyper = dict(lr_warmup_steps=2, weight_decay=0.01, max_grad_norm=0.5, ema_decay=0.9, class_dropout=0.3)

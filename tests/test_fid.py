@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ledit_convert import fid
+from ledit_convert.evaluation import fid
 from ledit_convert.errors import CheckpointError, ConfigError, DataError
-from ledit_convert.fid import (InceptionFeatures, default_weights_path, frechet_distance, iter_npz_images,
+from ledit_convert.evaluation.fid import (InceptionFeatures, default_weights_path, frechet_distance, iter_npz_images,
                                load_reference, load_stats, precision_recall, save_stats, statistics,
                                tf_bilinear_resize)
 

@@ -13,13 +13,13 @@ from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import ledit_convert.runstate as runstate
+import ledit_convert.training.runstate as runstate
 from ledit_convert.cli import app
 from ledit_convert.errors import ConfigError, DataError
-from ledit_convert.finetune import finetune, validation_grids, setup
-from ledit_convert.model import LEDiTTransformer2DModel
-from ledit_convert.recipe import Recipe, load_recipe
-from ledit_convert.runstate import ResumableSampler, update_ema
+from ledit_convert.training.finetune import finetune, validation_grids, setup
+from ledit_convert.models.dit import LEDiTTransformer2DModel
+from ledit_convert.training.recipe import Recipe, load_recipe
+from ledit_convert.training.runstate import ResumableSampler, update_ema
 from torch._dynamo.exc import TorchDynamoException
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -84,7 +84,7 @@ def test_crash_during_checkpoint_write_resumes_from_previous(setup_dirs, monkeyp
             raise KeyboardInterrupt  # killed after writing files, before the rename
         return real(*args, **kwargs)
 
-    import ledit_convert.finetune as ft
+    import ledit_convert.training.finetune as ft
     monkeypatch.setattr(ft, "finish_checkpoint", crash_second)
     with pytest.raises(KeyboardInterrupt):
         finetune(str(model), str(imgs), load_recipe(None, dict(BASE, steps=9)), str(tmp / "run"))

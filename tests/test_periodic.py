@@ -7,13 +7,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ledit_convert.data import ArrayImageDataset
-from ledit_convert.diffusion import DiffusionSchedule
+from ledit_convert.data.images import ArrayImageDataset
+from ledit_convert.training.diffusion import DiffusionSchedule
 from ledit_convert.errors import ConfigError
-from ledit_convert.finetune import finetune
-from ledit_convert.periodic import EvalPlan, PeriodicEvaluator, better, heldout_loss, metric_key
-from ledit_convert.recipe import load_recipe
-from ledit_convert.trainstep import diffusion_loss, ema_decay, ema_weight_tensor, learning_rate
+from ledit_convert.training.finetune import finetune
+from ledit_convert.training.periodic import EvalPlan, PeriodicEvaluator, better, heldout_loss, metric_key
+from ledit_convert.training.recipe import load_recipe
+from ledit_convert.training.trainstep import diffusion_loss, ema_decay, ema_weight_tensor, learning_rate
 from test_finetune import BASE, make_images, make_model
 
 
@@ -79,7 +79,7 @@ def test_metric_direction_and_keys():
 
 def _tiny_model(seed=0):
     from _tiny import randomize_
-    from ledit_convert.model import LEDiTTransformer2DModel
+    from ledit_convert.models.dit import LEDiTTransformer2DModel
     model = LEDiTTransformer2DModel(sample_size=8, patch_size=2, in_channels=3, out_channels=6, hidden_size=32,
                                     num_layers=2, num_attention_heads=2, num_classes=3,
                                     attention_layout=["self", "causal"])
@@ -117,7 +117,7 @@ def test_evaluator_needs_what_its_metrics_need(tmp_path):
 
 
 def _shape_images(n, res, seed):
-    from ledit_convert.shapes import ShapesDataset
+    from ledit_convert.replication.shapes import ShapesDataset
     ds = ShapesDataset(n, res, num_classes=3, seed=seed)
     return ds.images(), ds.labels
 
@@ -196,7 +196,7 @@ def test_cli_finetune_evaluates_held_out_images_from_a_folder_and_names_the_best
 
 
 def test_shards_of_the_samples_are_the_unsplit_samples():
-    from ledit_convert.periodic import sample_images, shard_bounds
+    from ledit_convert.training.periodic import sample_images, shard_bounds
     model = _tiny_model()
     plan = EvalPlan(every=1, resolutions=[(8, 8)], samples=5, steps=2, batch_size=2)
     whole = sample_images(model, (16, 8), 5, plan)
@@ -232,7 +232,7 @@ def test_a_resumed_run_drops_rows_written_after_its_checkpoint(tmp_path):
 
 def test_held_out_images_through_a_vae_leave_the_training_draws_alone(tmp_path):
     from _tiny import tiny_vae
-    from ledit_convert.model import LEDiTTransformer2DModel
+    from ledit_convert.models.dit import LEDiTTransformer2DModel
     tiny_vae().save_pretrained(tmp_path / "vae")
     imgs = make_images(tmp_path / "imgs")
     LEDiTTransformer2DModel(sample_size=4, patch_size=2, in_channels=4, out_channels=8, hidden_size=32, num_layers=2,

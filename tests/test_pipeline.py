@@ -1,4 +1,4 @@
-"""Tests for ledit_convert.pipeline and ledit_convert.sampling on tiny seeded models."""
+"""Tests for ledit_convert.inference.pipeline and ledit_convert.inference.sampling on tiny seeded models."""
 import json
 import os
 import subprocess
@@ -12,9 +12,9 @@ from diffusers import DDPMScheduler, DiTPipeline
 from PIL import Image
 
 from ledit_convert.errors import CheckpointError, ConfigError, OutputExistsError
-from ledit_convert.model import LEDiTTransformer2DModel
-from ledit_convert.pipeline import LEDiTPipeline, default_scheduler, save_pipeline
-from ledit_convert.sampling import image_seed, load_pipeline, plan_labels, sample_images
+from ledit_convert.models.dit import LEDiTTransformer2DModel
+from ledit_convert.inference.pipeline import LEDiTPipeline, default_scheduler, save_pipeline
+from ledit_convert.inference.sampling import image_seed, load_pipeline, plan_labels, sample_images
 
 from _tiny import NUM_CLASSES, tiny_dit, tiny_ledit, tiny_vae
 

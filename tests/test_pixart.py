@@ -16,11 +16,11 @@ from _tiny import randomize_
 from factories import rel_err
 from reference import _conv2d, _gelu_tanh, _ln, _silu, visible
 from test_surgery import RELOAD
-from ledit_convert.checkpoints import read_checkpoint
+from ledit_convert.conversion.checkpoints import read_checkpoint
 from ledit_convert.cli import app
 from ledit_convert.errors import CheckpointError, ConfigError
-from ledit_convert.pixart_model import LEDiTPixArtTransformer2DModel
-from ledit_convert.surgery import SurgeryOptions, surgery_to_folder
+from ledit_convert.models.pixart import LEDiTPixArtTransformer2DModel
+from ledit_convert.conversion.surgery import SurgeryOptions, surgery_to_folder
 
 TINY = dict(sample_size=8, num_layers=2, patch_size=2, num_attention_heads=2, caption_channels=16, in_channels=4,
             out_channels=8, attention_bias=True, activation_fn="gelu-approximate", num_embeds_ada_norm=8,

@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from _tiny import randomize_
-from ledit_convert.model import LEDiTTransformer2DModel, sincos_position_table
-from ledit_convert.probe import (block_input, norm_matching_factor, position_probe_r2, probe_model,
+from ledit_convert.models.dit import LEDiTTransformer2DModel, sincos_position_table
+from ledit_convert.replication.probe import (block_input, norm_matching_factor, position_probe_r2, probe_model,
                                  rescale_patch_embedding, residual_stream, token_norms)
-from ledit_convert.surgery import SurgeryOptions, add_locality_conv, drop_position_encoding, set_attention_layout
+from ledit_convert.conversion.surgery import SurgeryOptions, add_locality_conv, drop_position_encoding, set_attention_layout
 
 GRID = (8, 8)
 # a 16 x 16 latent in 2 x 2 patches: an 8 x 8 token grid, hidden 32 (8 sin/cos frequencies per axis)

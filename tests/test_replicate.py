@@ -64,8 +64,8 @@ def test_gpu_run_dry_run_trains_and_scores_every_arm_and_resumes(tmp_path):
 
 def test_every_attention_path_the_gpu_check_covers_builds_and_steps_on_the_cpu():
     import numpy as np
-    from ledit_convert.fastloop import Arm, ArmConfig, DeviceData
-    from ledit_convert.model import LEDiTTransformer2DModel
+    from ledit_convert.training.fastloop import Arm, ArmConfig, DeviceData
+    from ledit_convert.models.dit import LEDiTTransformer2DModel
     images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
     data = DeviceData(images, np.arange(8) % 4, "cpu")
     kinds = set()

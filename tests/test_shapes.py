@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from ledit_convert.data import ImageFolderDataset, Sample
+from ledit_convert.data.images import ImageFolderDataset, Sample
 from ledit_convert.errors import ConfigError, OutputExistsError
-from ledit_convert.shapes import (MAX_CLASSES, SHAPES, ShapesDataset, class_names, make_scene, render_scene,
+from ledit_convert.replication.shapes import (MAX_CLASSES, SHAPES, ShapesDataset, class_names, make_scene, render_scene,
                                   write_image_folder)
 
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from ledit_convert.errors import DataError
-from ledit_convert.shapes import ShapesDataset, make_scene, render_scene
-from ledit_convert.structure import (estimate_background, label_components, object_stats, shape_accuracy,
+from ledit_convert.replication.shapes import ShapesDataset, make_scene, render_scene
+from ledit_convert.replication.structure import (estimate_background, label_components, object_stats, shape_accuracy,
                                      train_shape_classifier)
 
 

@@ -4,17 +4,19 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import ledit_convert.export as export
+import ledit_convert.conversion.export as export
+import ledit_convert.models.dit as dit_model
 from factories import facebook_state_dict, inputs
-from ledit_convert.checkpoints import build_model, read_checkpoint
+from ledit_convert.conversion.checkpoints import build_model, read_checkpoint
 from ledit_convert.errors import ConfigError, OutputExistsError
-from ledit_convert.model import LEDiTTransformer2DModel
-from ledit_convert.surgery import SurgeryOptions, parse_causal_layers, surgery_to_folder
+from ledit_convert.models.dit import LEDiTTransformer2DModel
+from ledit_convert.conversion.surgery import SurgeryOptions, parse_causal_layers, surgery_to_folder
 
 
 @pytest.fixture()
@@ -65,7 +67,7 @@ def test_surgery_writes_a_self_describing_folder(dit_file, tmp_path):
     import hashlib
     assert prov["source"]["sha256"] == hashlib.sha256(src.read_bytes()).hexdigest() == result.sha256
     assert prov["options"]["scan"] == "mask_lower_right_corner" and prov["tool_version"]
-    assert (out / "modeling_ledit.py").read_text() == open(export.__file__.replace("export.py", "model.py")).read()
+    assert (out / "modeling_ledit.py").read_text() == Path(dit_model.__file__).read_text()
 
 
 def test_converted_model_differs_from_dit_only_by_pe_and_causality(dit_file, tmp_path):
@@ -138,13 +140,16 @@ def test_interrupted_write_leaves_nothing(dit_file, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dit.pt"]
 
 
-RELOAD = textwrap.dedent("""
+# the head of a script that must run where ledit_convert cannot be imported (plain diffusers + remote code)
+BLOCK_LEDIT_CONVERT = textwrap.dedent("""
     import sys
     class _Block:
         def find_spec(self, name, path=None, target=None):
             if name.split(".")[0] == "ledit_convert":
                 raise ImportError("ledit_convert is blocked in this process")
     sys.meta_path.insert(0, _Block())
+""")
+RELOAD = BLOCK_LEDIT_CONVERT + textwrap.dedent("""
     try:
         import ledit_convert
         raise SystemExit("ledit_convert was importable")

@@ -14,16 +14,17 @@ from diffusers import PixArtSigmaPipeline
 from PIL import Image
 from typer.testing import CliRunner
 
-from _tiny import TEXT_WIDTH, WORDS, save_text_encoder, tiny_tokenizer, tiny_vae
+from _tiny import TEXT_WIDTH, save_text_encoder, tiny_vae
 from test_pixart import stock
+from test_surgery import BLOCK_LEDIT_CONVERT
 from ledit_convert.cli import app
-from ledit_convert.data import CaptionedImageFolder, CaptionSample, EncodedSample, open_training_data
-from ledit_convert.errors import ConfigError, DataError
-from ledit_convert.latents import CachedLatentsDataset, cache_latents
-from ledit_convert.pipeline import default_scheduler
-from ledit_convert.text import TextCondition, load_text_encoder
-from ledit_convert.trainstep import diffusion_loss
-from ledit_convert.diffusion import DiffusionSchedule
+from ledit_convert.data.images import CaptionedImageFolder, CaptionSample, EncodedSample, open_training_data
+from ledit_convert.errors import DataError
+from ledit_convert.data.latents import CachedLatentsDataset, cache_latents
+from ledit_convert.inference.pipeline import default_scheduler
+from ledit_convert.data.text import TextCondition, load_text_encoder
+from ledit_convert.training.trainstep import diffusion_loss
+from ledit_convert.training.diffusion import DiffusionSchedule
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 RES = 32  # pixels: the tiny PixArt's sample_size 8 x the tiny VAE's factor 4
@@ -159,13 +160,7 @@ def test_text_encoder_width_must_match_the_model(tmp_path, pixart_pipeline):
 
 
 # the converted folder in diffusers' own PixArt-Sigma pipeline, with ledit_convert unimportable
-DROP_IN = textwrap.dedent("""
-    import sys
-    class _Block:
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] == "ledit_convert":
-                raise ImportError("ledit_convert is blocked in this process")
-    sys.meta_path.insert(0, _Block())
+DROP_IN = BLOCK_LEDIT_CONVERT + textwrap.dedent("""
     import numpy as np, torch
     from diffusers import AutoencoderKL, AutoModel, DPMSolverMultistepScheduler, PixArtSigmaPipeline
     from transformers import AutoTokenizer, T5EncoderModel
@@ -223,7 +218,7 @@ def test_end_to_end_surgery_cache_finetune_sample_at_2x_and_drop_in(tmp_path, pi
     assert ours.shape == (2, 64, 32, 3) and ours.std() > 0
     assert (samples / "prompts.txt").read_text().splitlines() == ["a red square on white background", "a blue square"]
 
-    from ledit_convert.sampling import image_seed
+    from ledit_convert.inference.sampling import image_seed
     seeds = ",".join(str(image_seed(7, i)) for i in range(2))
     env = dict(os.environ, PYTHONPATH="")
     proc = subprocess.run([sys.executable, "-c", DROP_IN, str(tuned), str(pixart_pipeline), seeds,
@@ -256,8 +251,8 @@ def test_uncached_captions_train_with_the_recipes_text_encoder(tmp_path, pixart_
 
 
 def test_lora_on_pixart_adapts_attention_and_mlp_and_trains_conv_adaln_and_final_fully(tmp_path, pixart_pipeline):
-    from ledit_convert.finetune import setup
-    from ledit_convert.recipe import load_recipe
+    from ledit_convert.training.finetune import setup
+    from ledit_convert.training.recipe import load_recipe
     runner = CliRunner()
     model = tmp_path / "ledit"
     assert runner.invoke(app, ["surgery", str(pixart_pipeline), "-o", str(model)]).exit_code == 0
@@ -277,8 +272,8 @@ def test_lora_on_pixart_adapts_attention_and_mlp_and_trains_conv_adaln_and_final
 
 
 def test_a_cache_of_another_text_width_is_refused(tmp_path, pixart_pipeline):
-    from ledit_convert.finetune import setup
-    from ledit_convert.recipe import load_recipe
+    from ledit_convert.training.finetune import setup
+    from ledit_convert.training.recipe import load_recipe
     runner = CliRunner()
     model = tmp_path / "ledit"
     assert runner.invoke(app, ["surgery", str(pixart_pipeline), "-o", str(model)]).exit_code == 0
@@ -293,7 +288,7 @@ def test_a_cache_of_another_text_width_is_refused(tmp_path, pixart_pipeline):
 
 @pytest.mark.parametrize("name, train, tokens", [("ledit-pixart-sigma-512", 512, 300), ("ledit-pixart-alpha-256", 256, 120)])
 def test_pixart_recipes_train_at_their_size_with_their_token_count(name, train, tokens):
-    from ledit_convert.recipe import load_recipe
+    from ledit_convert.training.recipe import load_recipe
     recipe = load_recipe(str(RECIPES / f"{name}.yaml"))
     assert (recipe.resolution, recipe.text_max_length) == (train, tokens)
     assert recipe.class_dropout == 0.1 and recipe.text_encoder and recipe.validate_every > 0  # grids at 1x and 2x

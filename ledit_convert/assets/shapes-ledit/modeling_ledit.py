@@ -1,1 +1,1 @@
-../../model.py
+../../models/dit.py

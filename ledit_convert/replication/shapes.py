@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import Sample
-from .errors import ConfigError, OutputExistsError
+from ..data.images import Sample
+from ..errors import ConfigError, OutputExistsError
 
 SHAPES = ("circle", "square", "triangle", "plus", "ring", "diamond", "star", "cross")
 COLOURS = {  # saturated object colours, each far (> 100 RGB units) from the dark slate background
@@ -154,7 +154,7 @@ def render_scene(scene: Dict, height: int, width: int) -> np.ndarray:
 
 
 class ShapesDataset(torch.utils.data.Dataset):
-    """`num_items` seeded one-shape scenes at a given resolution, yielding data.py's Sample in [-1, 1]."""
+    """`num_items` seeded one-shape scenes at a given resolution, yielding data.images' Sample in [-1, 1]."""
 
     def __init__(self, num_items: int, resolution: Union[int, Tuple[int, int]], num_classes: int = 4,
                  seed: int = 0, random_flip: bool = True):
@@ -188,7 +188,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         return Sample(x.flip(-1) if flip else x, int(self.labels[index]), 0)
 
     def __getitem__(self, index: int) -> Sample:
-        # the global RNG, as data.py does: DataLoader seeds it per worker
+        # the global RNG, as data.images does: DataLoader seeds it per worker
         flip = self.random_flip and bool(torch.rand(()) < 0.5)
         return self.load(index, flip)
 

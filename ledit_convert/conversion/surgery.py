@@ -9,8 +9,8 @@ from typing import Dict, List, Tuple
 import torch
 
 from .checkpoints import SourceCheckpoint, check_against_model
-from .errors import ConfigError
-from .model import ATTENTION_SCALINGS, CAUSAL_SCANS, LOCALITY_KINDS
+from ..errors import ConfigError
+from ..models.dit import ATTENTION_SCALINGS, CAUSAL_SCANS, LOCALITY_KINDS
 
 State = Tuple[Dict, Dict[str, torch.Tensor]]
 

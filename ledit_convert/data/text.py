@@ -7,7 +7,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .errors import ConfigError, DataError
+from ..errors import ConfigError, DataError
 
 DEFAULT_MAX_LENGTH = 300  # PixArt-Sigma's token count (PixArt-alpha trained with 120)
 

@@ -8,10 +8,10 @@ from typing import List, Optional, Sequence
 import torch
 from diffusers import PixArtAlphaPipeline, PixArtSigmaPipeline, PixArtTransformer2DModel
 
-from .errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError
 from .pipeline import default_scheduler
-from .pixart_model import LEDiTPixArtTransformer2DModel
-from .text import DEFAULT_MAX_LENGTH, TextEncoder, load_text_encoder
+from ..models.pixart import LEDiTPixArtTransformer2DModel
+from ..data.text import DEFAULT_MAX_LENGTH, TextEncoder, load_text_encoder
 
 TEXT_SCHEDULERS = ("dpm", "ddim")  # PixArt's pipelines drop the learned variance, which DiT's ddpm sampler reads
 TEXT_DEFAULTS = {"steps": 20, "cfg_scale": 4.5, "scheduler": "dpm"}  # PixArt's pipeline defaults

@@ -2,7 +2,7 @@
 # `PixArtTransformer2DModel`, with the same modules and state-dict keys, plus LEDiT's changes: no positional
 # encoding, causal image self-attention in some blocks, a locality conv after patchify, attention scaling.
 #
-# Surgery copies this file beside the weights as modeling_ledit_pixart.py, and model.py as modeling_ledit.py
+# Surgery copies this file beside the weights as modeling_ledit_pixart.py, and dit.py as modeling_ledit.py
 # with the import below rewritten, so that `diffusers.AutoModel.from_pretrained(folder, trust_remote_code=True)`
 # loads a converted model where ledit_convert is not installed. Import nothing else from this package.
 #
@@ -20,7 +20,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import AdaLayerNormSingle
 
-from .model import LEDiTModelMixin, LocalityConv, _config_problems, add_remote_code, attend, unpatchify
+from .dit import LEDiTModelMixin, LocalityConv, _config_problems, add_remote_code, attend, unpatchify
 
 REMOTE_CODE_FILE = "modeling_ledit_pixart.py"  # this file, as it is copied beside saved weights
 TEXT_MASK_BIAS = -10000.0  # what diffusers' PixArt adds to the logits of masked text tokens
@@ -32,7 +32,7 @@ def default_interpolation_scale(sample_size: int) -> float:
 
 
 class ImageSelfAttnProcessor:
-    """attn1 of a PixArt block: self-attention over image tokens through model.py's `attend`, so causal blocks use
+    """attn1 of a PixArt block: self-attention over image tokens through dit.py's `attend`, so causal blocks use
     the cached 2D scan mask; logits are scaled by `logit_factor` (LEDiT's attention scaling)."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, causal_scan=None,
@@ -190,7 +190,7 @@ class LEDiTPixArtTransformer2DModel(LEDiTModelMixin, ModelMixin, ConfigMixin):
 
     @staticmethod
     def write_remote_code(folder) -> None:
-        """This model's code (and model.py, which it imports) and its auto_map entry in a saved folder."""
+        """This model's code (and dit.py, which it imports) and its auto_map entry in a saved folder."""
         add_remote_code(folder, "LEDiTPixArtTransformer2DModel", __file__, REMOTE_CODE_FILE)
 
     def position_table(self, height: int, width: int, device) -> torch.Tensor:

@@ -30,12 +30,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import __version__
-from .data import check_labels
+from .. import __version__
+from ..data.images import check_labels
 from .diffusion import DiffusionSchedule
-from .errors import ConfigError, DataError
-from .export import atomic_folder, cpu_state_dict, init_config, write_json_atomic, write_model_folder
-from .model import LEDiTTransformer2DModel, attention_mask, resolve_backend
+from ..errors import ConfigError, DataError
+from ..conversion.export import atomic_folder, cpu_state_dict, init_config, write_json_atomic, write_model_folder
+from ..models.dit import LEDiTTransformer2DModel, attention_mask, resolve_backend
 from .trainstep import diffusion_loss, ema_weight_tensor, learning_rate
 
 logger = logging.getLogger(__name__)

@@ -10,12 +10,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import __version__
-from .compiling import compile_blocks, is_compile_error, uncompile_blocks
+from .. import __version__
+from ..models.compiling import compile_blocks, is_compile_error, uncompile_blocks
 from .diffusion import DiffusionSchedule
-from .errors import ConfigError, DataError
-from .export import cpu_state_dict, init_config, provenance_record, write_model_folder
-from .checkpoints import LEDIT_CLASS_NAMES, MODEL_CLASSES
+from ..errors import ConfigError, DataError
+from ..conversion.export import cpu_state_dict, init_config, provenance_record, write_model_folder
+from ..conversion.checkpoints import LEDIT_CLASS_NAMES, MODEL_CLASSES
 from .recipe import Recipe, save_recipe
 from .trainstep import diffusion_loss, ema_decay, learning_rate
 from .runstate import (ResumableSampler, SeededItems, finish_checkpoint, partial_dir, read_state, resolve_resume,
@@ -74,7 +74,7 @@ def load_vae(vae: Optional[str], device):
         return None
     from diffusers import AutoencoderKL
 
-    from .sampling import vae_location
+    from ..inference.sampling import vae_location
     try:
         path, sub = vae_location(vae)
         model = AutoencoderKL.from_pretrained(path, subfolder=sub or None)
@@ -119,7 +119,7 @@ def setup(model_dir: str, data, recipe: Recipe, output_dir: str, resume: Optiona
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
-    from .data import open_training_data
+    from ..data.images import open_training_data
     output_dir, model_path = Path(output_dir), Path(model_dir)
     if not (model_path / "config.json").is_file():
         raise ConfigError(f"{model_dir}: not a model folder (no config.json); run `ledit-convert surgery` first")
@@ -147,9 +147,9 @@ def setup(model_dir: str, data, recipe: Recipe, output_dir: str, resume: Optiona
 
     # data: validated before the first step, with a one-line reason on failure (flips themselves come from
     # SeededItems; a latent cache checks here that it has flip variants)
-    from .sampling import vae_scale_factor
+    from ..inference.sampling import vae_scale_factor
     if isinstance(data, (str, Path)):
-        from .data import detect_data_kind
+        from ..data.images import detect_data_kind
         kind = detect_data_kind(data) if recipe.data_kind == "auto" else recipe.data_kind
         factor = 1 if kind == "latents" else vae_scale_factor(recipe.vae, ConfigError)
         dataset = open_training_data(data, recipe.resolution, num_classes, patch_size=cfg.patch_size,
@@ -158,7 +158,7 @@ def setup(model_dir: str, data, recipe: Recipe, output_dir: str, resume: Optiona
                                      vae_downsample=factor, kind=kind, captions=text,
                                      caption_column=recipe.caption_column)
     else:
-        from .data import check_labels
+        from ..data.images import check_labels
         dataset = data
         if not text:
             check_labels(dataset.labels, cfg.num_classes, type(data).__name__)
@@ -221,7 +221,7 @@ def setup(model_dir: str, data, recipe: Recipe, output_dir: str, resume: Optiona
 def _text_inputs(dataset, recipe: Recipe, cfg, data, device):
     """A text model's encoder (loaded when captions must be encoded: uncached data, validation prompts) and the
     empty prompt's tokens, each checked against the transformer's caption_channels."""
-    from .text import load_text_encoder
+    from ..data.text import load_text_encoder
     cached = getattr(dataset, "text", None)
     if cached is not None and cached["width"] != cfg.caption_channels:
         raise DataError(f"{data}: the cache holds {cached['width']}-wide text tokens (from {cached['encoder']}), "
@@ -242,7 +242,7 @@ def _text_inputs(dataset, recipe: Recipe, cfg, data, device):
 
 def _build_evaluator(run: Run, heldout):
     """The recipe's evaluation plan with its FID references, decoder and held-out inputs loaded once."""
-    from .evaluate import parse_references, reference_from_path
+    from ..evaluation.evaluate import parse_references, reference_from_path
     from .periodic import PeriodicEvaluator
     acc, recipe = run.accelerator, run.recipe
     plan = recipe.eval_plan()
@@ -250,7 +250,7 @@ def _build_evaluator(run: Run, heldout):
     paths = parse_references(recipe.eval_references, plan.resolutions) if "fid" in plan.metrics else {}
     if acc.is_main_process:  # references, the FID network and held-out inputs serve the scoring, on main
         if paths:
-            from .fid import InceptionFeatures
+            from ..evaluation.fid import InceptionFeatures
             extractor = InceptionFeatures(recipe.inception_weights, device=acc.device)
             plan.references = {res: reference_from_path(paths[res], extractor) for res in plan.resolutions}
         if "heldout_loss" in plan.metrics and heldout is not None:
@@ -266,10 +266,10 @@ def _build_evaluator(run: Run, heldout):
 
 def _heldout_inputs(run: Run, heldout):
     """The first eval_heldout_items held-out items as model inputs (encoded with a fixed posterior draw)."""
-    from .data import open_training_data
+    from ..data.images import open_training_data
     cfg, recipe = run.config, run.recipe
     if isinstance(heldout, (str, Path)):
-        from .sampling import vae_scale_factor
+        from ..inference.sampling import vae_scale_factor
         factor = vae_scale_factor(recipe.vae, ConfigError)
         heldout = open_training_data(heldout, recipe.resolution, getattr(cfg, "num_classes", 0),
                                      patch_size=cfg.patch_size, random_flip=False, vae_downsample=factor,
@@ -319,8 +319,8 @@ def _encode(run: Run, x: torch.Tensor, generator: Optional[torch.Generator] = No
 def condition(run: Run, batch, side: int):
     """A collated batch's condition on the device: class ids (Sample), or a TextCondition from cached tokens
     (EncodedSample) or from captions encoded now (CaptionSample); `side` is the images' size in pixels."""
-    from .data import CaptionSample, EncodedSample
-    from .text import TextCondition, micro_conditions
+    from ..data.images import CaptionSample, EncodedSample
+    from ..data.text import TextCondition, micro_conditions
     device = run.accelerator.device
     if isinstance(batch, EncodedSample):
         embeds, mask = batch.text["embeds"].to(device, non_blocking=True), batch.text["mask"].to(device)
@@ -503,7 +503,7 @@ def validation_grids(run: Run) -> List[Path]:
     import numpy as np
     from PIL import Image
 
-    from .pipeline import LEDiTPipeline, default_scheduler
+    from ..inference.pipeline import LEDiTPipeline, default_scheduler
     acc, recipe = run.accelerator, run.recipe
     if not acc.is_main_process:
         return []
@@ -513,7 +513,7 @@ def validation_grids(run: Run) -> List[Path]:
         conditions = classes or list(range(min(8, run.config.num_classes)))
         pipe = LEDiTPipeline(transformer=run.ema, vae=vae, scheduler=default_scheduler("ddpm"))
     else:
-        from .text_pipeline import TextToImage, make_text_scheduler
+        from ..inference.text_pipeline import TextToImage, make_text_scheduler
         # diffusers' pipeline takes a plain transformer: with LoRA, a merged copy (the EMA itself stays wrapped)
         ema = copy.deepcopy(run.ema).merge_and_unload() if recipe.lora_rank > 0 else run.ema
         conditions = list(recipe.validation_prompts)

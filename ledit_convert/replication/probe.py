@@ -11,8 +11,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .diffusion import DiffusionSchedule
-from .model import LEDiTTransformer2DModel
+from ..training.diffusion import DiffusionSchedule
+from ..models.dit import LEDiTTransformer2DModel
 
 State = Tuple[Dict, Dict[str, torch.Tensor]]  # (config, state_dict), as in surgery.py
 Layer = Union[int, str]

@@ -27,8 +27,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .data import EncodedSample, Sample
-from .errors import DataError, OutputExistsError
+from .images import EncodedSample, Sample
+from ..errors import DataError, OutputExistsError
 
 INDEX_FILE = "index.json"
 SHARD_NAME = "latents_{:05d}.safetensors"

@@ -7,9 +7,9 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
-from .compiling import COMPILE_MODES
-from .errors import ConfigError
-from .model import ATTENTION_BACKENDS
+from ..models.compiling import COMPILE_MODES
+from ..errors import ConfigError
+from ..models.dit import ATTENTION_BACKENDS
 
 
 @dataclass
@@ -128,7 +128,7 @@ class Recipe:
 
     def eval_plan(self):
         """The evaluation plan of this recipe (periodic.EvalPlan); its FID references are loaded by the caller."""
-        from .evaluate import parse_resolution
+        from ..evaluation.evaluate import parse_resolution
         from .periodic import EvalPlan
         sizes = [parse_resolution(r) for r in self.eval_resolutions] or \
             [(self.resolution, self.resolution), (2 * self.resolution, 2 * self.resolution)]

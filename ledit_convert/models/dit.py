@@ -35,7 +35,7 @@ ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "math")
 REMOTE_CODE_FILE = "modeling_ledit.py"  # this file, as it is copied beside saved weights
 
 
-_MODEL_IMPORT = re.compile(r"^from \.(?:model|modeling_ledit) import", re.MULTILINE)
+_MODEL_IMPORT = re.compile(r"^from \.(?:dit|modeling_ledit) import", re.MULTILINE)
 
 
 def add_remote_code(folder, class_name: str = "LEDiTTransformer2DModel", model_file=None,
@@ -43,7 +43,7 @@ def add_remote_code(folder, class_name: str = "LEDiTTransformer2DModel", model_f
     """Copy this file beside a saved model and point config.json's auto_map at `class_name` (diffusers AutoModel).
 
     A model defined in another file (`model_file`, which imports this one) is copied too, as `file_name`, with its
-    `from .model import` rewritten to import this file's copy."""
+    `from .dit import` rewritten to import this file's copy."""
     folder = Path(folder)
     target = folder / REMOTE_CODE_FILE
     if not (target.exists() and os.path.samefile(__file__, target)):

@@ -8,7 +8,7 @@ from typing import Optional, Union
 import torch
 
 from .diffusion import DiffusionSchedule
-from .text import TextCondition
+from ..data.text import TextCondition
 
 
 def diffusion_loss(model, schedule: DiffusionSchedule, x0: torch.Tensor, labels: Union[torch.Tensor, TextCondition],

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import DataError
+from ..errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def image_to_tensor(image: Image.Image, flip: bool = False) -> torch.Tensor:
 
 def imagenet_synsets() -> List[str]:
     """The 1000 ImageNet-1k synset ids in class-index order (the sorted list)."""
-    text = resources.files("ledit_convert").joinpath("imagenet_synsets.txt").read_text()
+    text = resources.files("ledit_convert.data").joinpath("imagenet_synsets.txt").read_text()
     synsets = text.split()
     assert len(synsets) == 1000 and synsets == sorted(synsets), "imagenet_synsets.txt is damaged"
     return synsets

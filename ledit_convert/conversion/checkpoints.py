@@ -17,9 +17,9 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .errors import CheckpointError
-from .model import LEDiTTransformer2DModel, sincos_position_table
-from .pixart_model import LEDiTPixArtTransformer2DModel, default_interpolation_scale
+from ..errors import CheckpointError
+from ..models.dit import LEDiTTransformer2DModel, sincos_position_table
+from ..models.pixart import LEDiTPixArtTransformer2DModel, default_interpolation_scale
 
 # facebookresearch DiT: heads cannot be read from the weights, so they come from the named configs.
 DIT_HEADS_BY_WIDTH = {1152: 16, 1024: 16, 768: 12, 384: 6}

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import ConfigError, DataError
+from ..errors import ConfigError, DataError
 from .shapes import ShapesDataset
 
 FOREGROUND_DISTANCE = 48.0  # RGB distance from the background; objects sit > 100 away, gradients < 15

@@ -10,8 +10,8 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
-from .data import Sample
-from .errors import ConfigError
+from ..data.images import Sample
+from ..errors import ConfigError
 
 CHECKPOINT_DIR = re.compile(r"^step_(\d{8})$")
 

@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 Resolution = Tuple[int, int]  # (height, width) in pixels
 METRICS = ("fid", "structure", "heldout_loss")
@@ -122,8 +122,8 @@ def sample_images(model, res: Resolution, n: int, plan: EvalPlan, vae=None, posi
                   rank: int = 0, world: int = 1) -> np.ndarray:
     """n class-balanced uint8 NHWC samples at `res` with per-image seeds (the same at every evaluation), or this
     process's contiguous shard of them; `position_mode` chooses how a sin/cos model meets a new size."""
-    from .pipeline import LEDiTPipeline, default_scheduler
-    from .sampling import plan_labels, sample_array
+    from ..inference.pipeline import LEDiTPipeline, default_scheduler
+    from ..inference.sampling import plan_labels, sample_array
     lo, hi = shard_bounds(n, rank, world)
     labels = plan_labels(n, None, model.config.num_classes)[lo:hi]
     if not labels:
@@ -139,11 +139,11 @@ def score_samples(images: np.ndarray, res: Resolution, plan: EvalPlan, extractor
     """The sampled metrics of one size, keyed 'name@res'."""
     out: Dict[str, Optional[float]] = {}
     if "fid" in plan.metrics:
-        from .evaluate import score
+        from ..evaluation.evaluate import score
         for name, value in score(images, plan.references[res], extractor).items():
             out[metric_key(name, res)] = value
     if "structure" in plan.metrics:
-        from .structure import object_stats
+        from ..replication.structure import object_stats
         stats = object_stats(images)
         for name in ("single_object_rate", "object_rate"):
             out[metric_key(name, res)] = float(stats[name])
@@ -174,7 +174,7 @@ class PeriodicEvaluator:
             if missing:
                 problems.append(f"eval metric fid needs a reference for {', '.join(missing)}")
             if extractor is None:
-                from .fid import InceptionFeatures
+                from ..evaluation.fid import InceptionFeatures
                 extractor = InceptionFeatures()
         if "heldout_loss" in plan.metrics and heldout is None and self.is_main:
             problems.append("eval metric heldout_loss needs held-out data (eval_heldout)")
@@ -254,7 +254,7 @@ class PeriodicEvaluator:
         """best.json beside eval.jsonl: the metric, its value and the step (atomic)."""
         if self.best is None:
             return
-        from .export import write_json_atomic
+        from ..conversion.export import write_json_atomic
         metric = self.plan.best_metric
         write_json_atomic(self.out_dir / "best.json", {"metric": metric, "value": self.best[metric],
                                                        "step": self.best["step"], "row": self.best})

@@ -12,8 +12,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import ConfigError
-from .export import write_json_atomic
+from ..errors import ConfigError
+from ..conversion.export import write_json_atomic
 from .fid import InceptionFeatures, frechet_distance, precision_recall, reference_features, statistics
 
 Resolution = Tuple[int, int]  # (height, width) in pixels
@@ -216,7 +216,7 @@ def write_report(rows: List[Dict], out_dir: str, settings: Optional[Dict] = None
 
 def check_models(specs: Sequence[ModelSpec]) -> None:
     """Fail before any sampling if a model cannot be read (folders by their JSON, files by their tensors)."""
-    from .sampling import open_model
+    from ..inference.sampling import open_model
     for spec in specs:
         open_model(spec.path)
 
@@ -224,9 +224,9 @@ def check_models(specs: Sequence[ModelSpec]) -> None:
 def pipeline_generator(settings: Dict, vae: Optional[str], progress: Optional[Callable[[int, int], None]] = None):
     """generate(spec, resolution) -> uint8 NHWC samples, one cached pipeline per model. A text-to-image model
     samples settings["prompts"] (cycled); steps, cfg_scale and scheduler left None take the family's defaults."""
-    from .compiling import compile_blocks
-    from .sampling import DIT_DEFAULTS, check_call, check_dtype, load_pipeline, open_model, plan_labels, sample_array
-    from .text_pipeline import TEXT_DEFAULTS, load_text_pipeline, plan_prompts
+    from ..models.compiling import compile_blocks
+    from ..inference.sampling import DIT_DEFAULTS, check_call, check_dtype, load_pipeline, open_model, plan_labels, sample_array
+    from ..inference.text_pipeline import TEXT_DEFAULTS, load_text_pipeline, plan_prompts
     cache = {}
 
     def setting(key: str, text: bool):

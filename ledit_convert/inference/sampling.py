@@ -13,11 +13,11 @@ import torch
 from diffusers import AutoencoderKL, DiTTransformer2DModel
 from PIL import Image
 
-from .checkpoints import DIFFUSERS_DIT_CLASSES, DIFFUSERS_PIXART_CLASSES  # old configs say Transformer2DModel
-from .checkpoints import SourceCheckpoint, build_model, read_checkpoint
-from .compiling import compile_blocks, is_compile_error, is_compiled, uncompile_blocks
-from .errors import CheckpointError, ConfigError, OutputExistsError
-from .model import LEDiTTransformer2DModel
+from ..conversion.checkpoints import DIFFUSERS_DIT_CLASSES, DIFFUSERS_PIXART_CLASSES  # old configs say Transformer2DModel
+from ..conversion.checkpoints import SourceCheckpoint, build_model, read_checkpoint
+from ..models.compiling import compile_blocks, is_compile_error, is_compiled, uncompile_blocks
+from ..errors import CheckpointError, ConfigError, OutputExistsError
+from ..models.dit import LEDiTTransformer2DModel
 from .pipeline import SCHEDULER_KINDS, LEDiTPipeline, default_scheduler
 from .text_pipeline import TEXT_DEFAULTS, load_text_pipeline, make_text_scheduler, plan_prompts, source_pipeline
 

@@ -10,9 +10,9 @@ from typing import Callable, Dict, Iterator, List, Optional, Union
 
 import torch
 
-from . import __version__
+from .. import __version__
 from .checkpoints import MODEL_CLASSES, WEIGHT_FILES
-from .errors import OutputExistsError
+from ..errors import OutputExistsError
 
 WEIGHTS_FILE = WEIGHT_FILES[0]
 

@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .data import IMAGE_EXTENSIONS, list_images
-from .errors import CheckpointError, ConfigError, DataError
+from ..data.images import IMAGE_EXTENSIONS, list_images
+from ..errors import CheckpointError, ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
