@@ -285,7 +285,7 @@ def test_folder_that_is_neither_pixart_nor_dit(tmp_path):
     folder = tmp_path / "unet"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel", "norm_type": None}))
-    with pytest.raises(CheckpointError, match="'UNet2DConditionModel', not a DiT or PixArt transformer"):
+    with pytest.raises(CheckpointError, match="'UNet2DConditionModel', not a DiT, PixArt or SD3 transformer"):
         read_checkpoint(str(folder))
     result = CliRunner().invoke(app, ["surgery", str(folder), "-o", str(tmp_path / "out")])
     lines = [line for line in result.stderr.splitlines() if line.strip()]

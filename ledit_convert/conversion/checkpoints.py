@@ -20,6 +20,7 @@ import torch
 from ..errors import CheckpointError
 from ..models.dit import LEDiTTransformer2DModel, sincos_position_table
 from ..models.pixart import LEDiTPixArtTransformer2DModel, default_interpolation_scale
+from ..models.sd3 import LEDiTSD3Transformer2DModel
 
 # facebookresearch DiT: heads cannot be read from the weights, so they come from the named configs.
 DIT_HEADS_BY_WIDTH = {1152: 16, 1024: 16, 768: 12, 384: 6}
@@ -28,7 +29,9 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DIFFUSERS_DIT_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
 # PixArt-alpha's hub folders still say Transformer2DModel; norm_type "ada_norm_single" tells them apart from DiT
 DIFFUSERS_PIXART_CLASSES = ("PixArtTransformer2DModel", "Transformer2DModel")
-MODEL_CLASSES = {"dit": LEDiTTransformer2DModel, "pixart": LEDiTPixArtTransformer2DModel}  # by family
+DIFFUSERS_SD3_CLASSES = ("SD3Transformer2DModel",)
+MODEL_CLASSES = {"dit": LEDiTTransformer2DModel, "pixart": LEDiTPixArtTransformer2DModel,
+                 "sd3": LEDiTSD3Transformer2DModel}  # by family
 LEDIT_CLASS_NAMES = {cls.__name__: family for family, cls in MODEL_CLASSES.items()}  # config.json _class_name
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
@@ -39,12 +42,12 @@ class SourceCheckpoint:
 
     path: Path
     format: str  # "facebook-state-dict", "facebook-train-checkpoint", "facebook-safetensors", "diffusers",
-    #              "diffusers-pixart", "ledit"
+    #              "diffusers-pixart", "diffusers-sd3", "ledit"
     config: Dict  # init kwargs of the family's model class (MODEL_CLASSES)
     state_dict: Dict[str, torch.Tensor]
     weights_file: Optional[Path] = None  # the file holding the tensors (hashed for provenance)
     notes: List[str] = field(default_factory=list)
-    family: str = "dit"  # "dit" (class-conditional) or "pixart" (text-to-image)
+    family: str = "dit"  # "dit" (class-conditional), "pixart" or "sd3" (text-to-image)
 
     @property
     def width(self) -> int:
@@ -55,6 +58,8 @@ class SourceCheckpoint:
     @property
     def variant(self) -> str:
         """Variant name such as "DiT-XL/2" or "PixArt-XL/2", or "custom"."""
+        if self.family == "sd3":
+            return f"MMDiT-{self.config['num_layers']}x{self.width}/{self.config['patch_size']}"
         name = DIT_NAMES.get((self.config["num_layers"], self.width))
         prefix = "DiT" if self.family == "dit" else "PixArt"
         return f"{prefix}-{name}/{self.config['patch_size']}" if name else "custom"
@@ -263,15 +268,17 @@ def _diffusers_to_ours(d: Dict[str, torch.Tensor], depth: int, path) -> Dict[str
 
 
 def read_diffusers(folder: Path) -> SourceCheckpoint:
-    """A diffusers DiTTransformer2DModel or PixArtTransformer2DModel folder, or a DiT or PixArt pipeline folder
-    (its transformer/)."""
+    """A diffusers DiTTransformer2DModel, PixArtTransformer2DModel or SD3Transformer2DModel folder, or a DiT, PixArt or
+    SD3 pipeline folder (its transformer/)."""
     if (folder / "model_index.json").exists() and (folder / "transformer").is_dir():
         folder = folder / "transformer"
     cfg = _read_json(folder / "config.json")
     if cfg.get("_class_name") in DIFFUSERS_PIXART_CLASSES and cfg.get("norm_type") == "ada_norm_single":
         return read_pixart(folder, cfg)
+    if cfg.get("_class_name") in DIFFUSERS_SD3_CLASSES:
+        return read_sd3(folder, cfg)
     if cfg.get("_class_name") not in DIFFUSERS_DIT_CLASSES:
-        _fail(folder, f"config.json describes {cfg.get('_class_name')!r}, not a DiT or PixArt transformer")
+        _fail(folder, f"config.json describes {cfg.get('_class_name')!r}, not a DiT, PixArt or SD3 transformer")
     if cfg.get("norm_type", "ada_norm_zero") != "ada_norm_zero" or cfg.get("patch_size") is None:
         _fail(folder, "only class-conditional DiTs (norm_type 'ada_norm_zero' with a patch_size) are supported")
     if cfg.get("activation_fn", "gelu-approximate") != "gelu-approximate":
@@ -313,6 +320,23 @@ def read_pixart(folder: Path, cfg: Dict) -> SourceCheckpoint:
              f"{cfg.get('interpolation_scale') or default_interpolation_scale(cfg.get('sample_size', 128))})"]
     return SourceCheckpoint(folder, "diffusers-pixart", config, sd, weights_file=weights_file, notes=notes,
                             family="pixart")
+
+
+def read_sd3(folder: Path, cfg: Dict) -> SourceCheckpoint:
+    """A diffusers SD3 / SD3.5 transformer folder: diffusers' key names are ours, every tensor as stored (its sin/cos
+    table, cropped per size, included)."""
+    keys = [k for k in inspect.signature(LEDiTSD3Transformer2DModel.__init__).parameters if k != "self"]
+    config = {k: cfg[k] for k in keys if k in cfg}
+    if cfg.get("pos_embed_max_size") is None:
+        _fail(folder, "an SD3 transformer without pos_embed_max_size has no stored table to read")
+    config.update(dual_attention_layers=list(config.get("dual_attention_layers") or ()), position_encoding="sincos",
+                  attention_layout=["self"] * config.get("num_layers", 18), attention_scaling="none", locality="none")
+    sd, weights_file = _read_weight_folder(folder)
+    check_against_model(sd, config, folder, family="sd3")
+    dual = config["dual_attention_layers"]
+    notes = [f"SD3's stored table covers {cfg['pos_embed_max_size']} x {cfg['pos_embed_max_size']} patches"
+             + (f"; blocks {dual} add SD3.5's image-only attention" if dual else "")]
+    return SourceCheckpoint(folder, "diffusers-sd3", config, sd, weights_file=weights_file, notes=notes, family="sd3")
 
 
 def read_ledit(folder: Path) -> SourceCheckpoint:
@@ -416,6 +440,10 @@ def describe(ckpt: SourceCheckpoint) -> Dict:
     layout = c.get("attention_layout") or ["self"] * c["num_layers"]
     if ckpt.family == "dit":
         condition = {"num_classes": c["num_classes"]}
+    elif ckpt.family == "sd3":
+        condition = {"joint_attention_dim": c.get("joint_attention_dim"),
+                     "dual_attention_layers": list(c.get("dual_attention_layers") or []),
+                     "causal_text": c.get("causal_text", "all")}
     else:  # the defaults are diffusers' PixArt ones
         micro = c.get("use_additional_conditions")
         condition = {"caption_channels": c.get("caption_channels"),

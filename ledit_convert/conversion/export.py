@@ -78,7 +78,8 @@ def save_weights(state_dict: Dict[str, torch.Tensor], path: Path) -> None:
 
 def model_card(summary: Dict, changes: List[str], family: str = "dit") -> str:
     """A short README.md for the output folder."""
-    kind, tag = ("class-conditional", "dit") if family == "dit" else ("text-to-image (PixArt)", "pixart")
+    kind, tag = {"dit": ("class-conditional", "dit"), "pixart": ("text-to-image (PixArt)", "pixart"),
+                 "sd3": ("text-to-image (SD3 MMDiT)", "sd3")}[family]
     lines = [
         "---", "library_name: diffusers", f"tags: [ledit, {tag}, {kind.split()[0]}, image-generation]", "---", "",
         f"# {summary.get('variant', 'DiT')} converted to LEDiT",
@@ -105,7 +106,7 @@ def write_model_folder(out: Path, config: Dict, state_dict: Dict[str, torch.Tens
                        provenance: Union[Dict, Callable[[], Dict], None] = None, card: Optional[str] = None,
                        extra_files: Optional[Dict[str, str]] = None, family: str = "dit") -> Path:
     """Write config.json, weights, model code, provenance and card into `out`, atomically, for a model of the
-    family's class ("dit" or "pixart"). `provenance` may be a function, called once the weights are written, so slow
+    family's class ("dit", "pixart" or "sd3"). `provenance` may be a function, called once the weights are written, so slow
     inputs to it (a source hash) can run alongside."""
     out = Path(out)
     config_json = model_config_json(config, family)

@@ -67,10 +67,16 @@ def validate_options(opts: SurgeryOptions) -> None:
         raise ConfigError("; ".join(problems))
 
 
+STORED_TABLES = ("pos_embed.pos_embed",)  # SD3 stores its (cropped) table; DiT's readers already drop theirs
+
+
 def drop_position_encoding(state: State) -> Tuple[State, str]:
-    """Remove the sin/cos table: LEDiT has no explicit positional encoding."""
+    """Remove the sin/cos table: LEDiT has no explicit positional encoding (and so no size cap)."""
     config, sd = state
-    return (dict(config, position_encoding="none"), sd), "removed the 2D sin/cos positional encoding"
+    stored = [k for k in STORED_TABLES if k in sd]
+    sd = {k: v for k, v in sd.items() if k not in stored}
+    note = "removed the 2D sin/cos positional encoding" + (" (its stored table, and with it the size cap)" if stored else "")
+    return (dict(config, position_encoding="none"), sd), note
 
 
 def set_attention_layout(state: State, layout: List[str], scan: str, scaling: str) -> Tuple[State, str]:
