@@ -209,11 +209,13 @@ def sample(
     prompt: Optional[List[str]] = typer.Option(None, help="Text-to-image models: a prompt (repeat for more)."),
     prompts_file: Optional[Path] = typer.Option(None, help="Text-to-image models: prompts, one per line."),
     negative_prompt: str = typer.Option("", help="Text-to-image models: the negative prompt of CFG."),
-    text_encoder: Optional[str] = typer.Option(None, help="Text-to-image models: text encoder (a PixArt pipeline "
-                                                          "folder or id; default: the one converted from)."),
-    max_length: int = typer.Option(300, help="Text-to-image models: tokens per prompt (Sigma 300, alpha 120)."),
+    text_encoder: Optional[str] = typer.Option(None, help="Text-to-image models: text encoder(s), a pipeline folder "
+                                                          "or id (PixArt's T5; SD3's CLIPs + T5; default: the "
+                                                          "pipeline converted from)."),
+    max_length: Optional[int] = typer.Option(None, help="Text-to-image models: (T5) tokens per prompt (default: "
+                                                        "PixArt-Sigma 300, SD3 256; PixArt-alpha trained with 120)."),
 ):
-    """Generate class-conditional images, or text-to-image ones from prompts, at any height and width."""
+    """Generate class-conditional images, or text-to-image ones (PixArt, SD3) from prompts, at any height and width."""
     from rich.progress import Progress
 
     from .inference.sampling import sample_images
@@ -334,7 +336,8 @@ def evaluate(
     negative_prompt: str = typer.Option("", help="Text-to-image models: the negative prompt of CFG."),
     text_encoder: Optional[str] = typer.Option(None, help="Text-to-image models: text encoder (default: the one "
                                                           "converted from)."),
-    max_length: int = typer.Option(300, help="Text-to-image models: tokens per prompt."),
+    max_length: Optional[int] = typer.Option(None, help="Text-to-image models: (T5) tokens per prompt (default: "
+                                                        "PixArt 300, SD3 256)."),
 ):
     """FID (+ precision/recall) of models at several resolutions: rich table, JSON, markdown and a PNG plot."""
     from rich.progress import Progress
@@ -403,9 +406,12 @@ def cache_latents_cmd(
     num_workers: int = typer.Option(4, help="Data loader workers."),
     class_map: Optional[Path] = typer.Option(None, help="JSON/text file mapping folder names to class ids."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Rebuild an existing complete cache."),
-    text_encoder: Optional[str] = typer.Option(None, help="Captioned data: the text encoder whose tokens are cached "
+    text_encoder: Optional[str] = typer.Option(None, help="Captioned data for PixArt: the T5 whose tokens are cached "
                                                           "(a pipeline folder or id with text_encoder/ + tokenizer/)."),
-    max_length: int = typer.Option(300, help="Text tokens per caption (PixArt-Sigma 300, PixArt-alpha 120)."),
+    text_encoders: Optional[str] = typer.Option(None, help="Captioned data for SD3: its pipeline folder or id (two "
+                                                           "CLIPs and a T5, text_encoder*/ + tokenizer*/)."),
+    max_length: Optional[int] = typer.Option(None, help="(T5) tokens per caption (default: PixArt-Sigma 300, SD3 256; "
+                                                        "PixArt-alpha trained with 120)."),
     text_dtype: str = typer.Option("fp32", help="Text encoder dtype: fp32 | bf16 (T5 overflows in fp16)."),
     caption_column: str = typer.Option("caption", help="Caption column of a captioned HF dataset."),
 ):
@@ -416,14 +422,16 @@ def cache_latents_cmd(
     from .data.images import CaptionedImageFolder, ImageFolderDataset, HFImageDataset, detect_data_kind, load_class_map
     from .training.finetune import load_vae
     from .data.latents import cache_latents
-    from .errors import DataError
+    from .errors import ConfigError, DataError
     from .inference.sampling import check_dtype
-    from .data.text import load_text_encoder
+    from .inference.text_pipeline import load_text_encoders
     torch_dtype = check_dtype(dtype)
     kind = detect_data_kind(data)
     if kind == "latents":
         raise DataError(f"{data}: already a latent cache")
-    captions = text_encoder is not None
+    if text_encoder is not None and text_encoders is not None:
+        raise ConfigError("give --text-encoder (PixArt) or --text-encoders (SD3), not both")
+    captions = text_encoder is not None or text_encoders is not None
     if kind == "hf":
         dataset = HFImageDataset(data, resolution, random_flip=False, caption_column=caption_column if captions else None)
     elif captions:
@@ -433,7 +441,10 @@ def cache_latents_cmd(
                                      random_flip=False)
     device = _device(device)
     model = load_vae(vae, "cpu")
-    encoder = load_text_encoder(text_encoder, max_length, device, check_dtype(text_dtype)) if captions else None
+    encoder = None
+    if captions:
+        family, path = ("sd3", text_encoders) if text_encoders is not None else ("pixart", text_encoder)
+        encoder = load_text_encoders(family, path, max_length, device, check_dtype(text_dtype))
     with Progress(console=console) as bar:
         task = bar.add_task("encoding", total=len(dataset))
         index = cache_latents(dataset, model, output, batch_size=batch_size, shard_size=shard_size,
@@ -441,7 +452,7 @@ def cache_latents_cmd(
                               progress=lambda done, total: bar.update(task, completed=done, total=total),
                               num_workers=num_workers, vae_id=vae, overwrite=overwrite, text_encoder=encoder)
     console.print(f"[green]wrote[/] {output}: {index['count']} latents in {len(index['shards'])} shard(s)"
-                  + (f" with {max_length}-token captions" if captions else "")
+                  + (f" with {encoder.max_length}-token captions" if captions else "")
                   + (f"; skipped {index['skipped']} unreadable image(s)" if index.get("skipped") else ""))
 
 

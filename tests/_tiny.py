@@ -75,3 +75,28 @@ def save_text_encoder(folder, seed: int = 0, width: int = TEXT_WIDTH):
     tiny_t5(seed, width).save_pretrained(f"{folder}/text_encoder")
     tiny_tokenizer().save_pretrained(f"{folder}/tokenizer")
     return folder
+
+
+def tiny_clip(seed: int, hidden: int, projection: int):
+    """A two-layer CLIP text encoder with a projection (SD3's CLIP-L/G in miniature), seeded."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(vocab_size=len(WORDS) + 3, hidden_size=hidden, intermediate_size=2 * hidden,
+                            num_hidden_layers=2, num_attention_heads=1, max_position_embeddings=16,
+                            projection_dim=projection, pad_token_id=0, bos_token_id=0, eos_token_id=1)
+    return CLIPTextModelWithProjection(config).eval()
+
+
+def save_sd3_text_encoders(folder, seed: int = 0, joint_width: int = 12, t5: bool = True, clip_tokens: int = 6):
+    """text_encoder/ + tokenizer/ (CLIP-L), text_encoder_2/ + tokenizer_2/ (CLIP-G) and text_encoder_3/ +
+    tokenizer_3/ (T5) under `folder`, as an SD3 pipeline folder holds them: CLIP widths 4 + 4 (zero-padded to the
+    T5's `joint_width`), pooled 4 + 6."""
+    for i, (hidden, projection) in enumerate(((4, 4), (4, 6))):
+        tiny_clip(seed + i, hidden, projection).save_pretrained(f"{folder}/text_encoder{'_2' if i else ''}")
+        tok = tiny_tokenizer()
+        tok.model_max_length = clip_tokens
+        tok.save_pretrained(f"{folder}/tokenizer{'_2' if i else ''}")
+    if t5:
+        tiny_t5(seed + 2, joint_width).save_pretrained(f"{folder}/text_encoder_3")
+        tiny_tokenizer().save_pretrained(f"{folder}/tokenizer_3")
+    return folder

@@ -86,7 +86,7 @@ def test_text_encoder_matches_the_pixart_pipelines_own_encoding(pixart_pipeline)
     enc = load_text_encoder(str(pixart_pipeline), max_length=MAX_LEN)
     pipe = PixArtSigmaPipeline.from_pretrained(pixart_pipeline)
     prompts = ["A red fox in the snow ", "a lighthouse at dusk"]
-    ours, mask = enc.encode(prompts)
+    ours, mask = enc.encode(prompts).values()
     theirs, their_mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device="cpu",
                                                   clean_caption=False, max_sequence_length=MAX_LEN)
     assert torch.equal(mask, their_mask.long())
@@ -97,7 +97,7 @@ def test_caption_dropout_swaps_in_the_empty_prompt_only_where_drawn():
     g = torch.Generator().manual_seed(0)
     embeds, mask = torch.randn(4, 3, 5, generator=g), torch.ones(4, 3, dtype=torch.long)
     null, null_mask = torch.randn(3, 5, generator=g), torch.tensor([1, 0, 0])
-    cond = TextCondition(embeds, mask, null, null_mask)
+    cond = TextCondition({"embeds": embeds, "mask": mask}, {"embeds": null, "mask": null_mask})
     kw = cond.model_kwargs(torch.tensor([True, False, False, True]))
     assert torch.equal(kw["encoder_hidden_states"][0], null) and torch.equal(kw["encoder_hidden_states"][1], embeds[1])
     assert kw["encoder_attention_mask"].tolist() == [[1, 0, 0], [1, 1, 1], [1, 1, 1], [1, 0, 0]]
@@ -123,14 +123,15 @@ def test_cache_stores_text_tokens_and_the_empty_prompt(tmp_path, pixart_pipeline
     ds = CaptionedImageFolder(captioned_folder(tmp_path / "imgs", n=5), RES, random_flip=False)
     index = cache_latents(ds, tiny_vae(1), tmp_path / "cache", batch_size=2, shard_size=3, text_encoder=enc,
                           storage_dtype=torch.float32)
-    assert index["text"] == {"encoder": str(pixart_pipeline), "width": TEXT_WIDTH, "max_length": MAX_LEN}
+    assert index["text"] == {"encoder": str(pixart_pipeline), "width": TEXT_WIDTH, "max_length": MAX_LEN,
+                             "fields": ["embeds", "mask"]}
     cached = CachedLatentsDataset(tmp_path / "cache")
     item = cached.sample(4, False, torch.Generator().manual_seed(0))
     assert isinstance(item, EncodedSample)
-    want, want_mask = enc.encode([ds.captions[4]])
+    want, want_mask = enc.encode([ds.captions[4]]).values()
     assert torch.equal(item.text["embeds"], want[0]) and torch.equal(item.text["mask"], want_mask[0])
-    null, null_mask = cached.null_text()
-    e, m = enc.encode([""])
+    null, null_mask = cached.null_text().values()
+    e, m = enc.encode([""]).values()
     assert torch.equal(null, e[0]) and torch.equal(null_mask, m[0])
     with pytest.raises(DataError, match="holds encoded captions, but the model is class-conditional"):
         open_training_data(tmp_path / "cache", RES, 10)
@@ -145,7 +146,7 @@ def test_a_text_model_refuses_class_options(tmp_path, pixart_pipeline):
     result = runner.invoke(app, ["sample", str(out), "-o", str(tmp_path / "s")])
     assert result.exit_code != 0 and "pass --prompt or --prompts-file" in result.output
     result = runner.invoke(app, ["sample", str(out), "--prompt", "a cat", "--scheduler", "ddpm", "-o", str(tmp_path / "s")])
-    assert result.exit_code != 0 and "does not sample a text-to-image model" in result.output
+    assert result.exit_code != 0 and "does not sample a pixart model" in result.output
 
 
 def test_text_encoder_width_must_match_the_model(tmp_path, pixart_pipeline):

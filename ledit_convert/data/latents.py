@@ -5,8 +5,9 @@
 #                                  `labels` [n] int64, and `mean_flip` / `std_flip` for the mirrored
 #                                  image when flip variants are cached. Header metadata records
 #                                  which dataset indices the shard covers, so an interrupted run resumes.
-#                                  A captioned dataset's shards also hold `text_embeds` [n, T, D] (its text
-#                                  encoder's tokens, storage dtype) and `text_mask` [n, T] uint8, and
+#                                  A captioned dataset's shards also hold its text encoder's token fields as
+#                                  `text_<field>`: `text_embeds` [n, T, D] (storage dtype) with `text_mask`
+#                                  [n, T] uint8 (PixArt) or `text_pooled` [n, P] (SD3), and
 #                                  empty_prompt.safetensors the empty prompt's (caption dropout), so no text
 #                                  encoder runs while training.
 #   index.json                     written LAST: its absence marks an incomplete cache.
@@ -20,7 +21,7 @@
 import json
 import math
 import os
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional
 
 import numpy as np
 import torch
@@ -142,10 +143,10 @@ def cache_latents(dataset, vae, output_dir, batch_size: int = 32, shard_size: in
         raise DataError(f"{output_dir}: no readable images to cache")
     text = None
     if text_encoder is not None:
-        embeds, mask = text_encoder.encode([""])
-        empty = {"embeds": embeds[0].to(storage_dtype).cpu().contiguous(), "mask": mask[0].to(torch.uint8).cpu()}
+        empty = {k: _stored(k, v[0], storage_dtype) for k, v in text_encoder.encode([""]).items()}
         _write_atomic(os.path.join(output_dir, EMPTY_PROMPT_FILE), lambda tmp: save_file(empty, tmp))
-        text = {"encoder": text_encoder.source, "width": text_encoder.width, "max_length": text_encoder.max_length}
+        text = {"encoder": text_encoder.source, "width": text_encoder.width, "max_length": text_encoder.max_length,
+                "fields": sorted(empty)}
     index = {
         "format": CACHE_FORMAT, "version": 1, "count": total, "shards": shards, "latent_shape": latent_shape,
         "resolution": dataset.resolution, "vae": vae_id,
@@ -161,12 +162,18 @@ def cache_latents(dataset, vae, output_dir, batch_size: int = 32, shard_size: in
     return index
 
 
+def _stored(field: str, value: torch.Tensor, storage_dtype: torch.dtype) -> torch.Tensor:
+    """A text field as a cache stores it: masks as uint8, token states in the storage dtype, on the CPU."""
+    return value.to(torch.uint8 if field == "mask" else storage_dtype).cpu().contiguous()
+
+
 def _encode_range(dataset, vae, start, stop, batch_size, flip_variants, device, dtype, storage_dtype,
                   num_workers, progress, done_before, n, text_encoder=None):
     """Encode dataset items [start, stop) into one shard's tensors; returns (tensors, skipped count)."""
     loader = torch.utils.data.DataLoader(_Unflipped(dataset, start, stop), batch_size=batch_size,
                                          shuffle=False, num_workers=num_workers)
-    names = ("mean", "std", "mean_flip", "std_flip", "labels") + (("text_embeds", "text_mask") if text_encoder else ())
+    empty_text = text_encoder.encode([""]) if text_encoder is not None else {}  # the fields and their shapes
+    names = ("mean", "std", "mean_flip", "std_flip", "labels") + tuple(f"text_{k}" for k in empty_text)
     parts = {k: [] for k in names}
     skipped, done = 0, done_before
     for x, labels, skips in loader:
@@ -178,9 +185,8 @@ def _encode_range(dataset, vae, start, stop, batch_size, flip_variants, device, 
             captions = [c for c, k in zip(labels, keep.tolist()) if k]
             labels = torch.zeros(len(keep), dtype=torch.int64)
             if captions:
-                embeds, mask = text_encoder.encode(captions)
-                parts["text_embeds"].append(embeds.to(storage_dtype).cpu())
-                parts["text_mask"].append(mask.to(torch.uint8).cpu())
+                for field, value in text_encoder.encode(captions).items():
+                    parts[f"text_{field}"].append(_stored(field, value, storage_dtype))
         x, labels = x[keep], labels[keep]
         done += len(keep)
         if len(x):
@@ -201,10 +207,14 @@ def _encode_range(dataset, vae, start, stop, batch_size, flip_variants, device, 
         shape = (0, vae.config.latent_channels, side, side)
         parts = {k: [torch.zeros(shape, dtype=storage_dtype)] for k in parts}
         parts["labels"] = [torch.zeros(0, dtype=torch.int64)]
-        if text_encoder is not None:
-            parts["text_embeds"] = [torch.zeros(0, text_encoder.max_length, text_encoder.width, dtype=storage_dtype)]
-            parts["text_mask"] = [torch.zeros(0, text_encoder.max_length, dtype=torch.uint8)]
+        for field, value in empty_text.items():
+            parts[f"text_{field}"] = [_stored(field, value[:0], storage_dtype)]
     return {k: torch.cat(v).contiguous() for k, v in parts.items() if v}, skipped
+
+
+def _loaded(field: str, value: torch.Tensor) -> torch.Tensor:
+    """A stored text field as the model takes it: masks int64, token states float32."""
+    return value.long() if field == "mask" else value.float()
 
 
 class CachedLatentsDataset(torch.utils.data.Dataset):
@@ -230,10 +240,11 @@ class CachedLatentsDataset(torch.utils.data.Dataset):
             self.shift_factor = float(index.get("shift_factor", 0.0))
             self.flip_variants = bool(index["flip_variants"])
             self.latent_shape = tuple(index["latent_shape"])
-            self.text = index.get("text")  # {"encoder", "width", "max_length"} for captioned data, else None
+            self.text = index.get("text")  # {"encoder", "width", "max_length", "fields"} for captioned data
             if self.text is not None:
                 self.text = {"encoder": str(self.text["encoder"]), "width": int(self.text["width"]),
-                             "max_length": int(self.text["max_length"])}
+                             "max_length": int(self.text["max_length"]),
+                             "fields": [str(f) for f in self.text.get("fields", ["embeds", "mask"])]}
         except (ValueError, KeyError, TypeError) as e:
             raise DataError(f"{index_path}: not a valid latent cache index ({e})") from None
         self.classes = list(index.get("classes", []))
@@ -284,16 +295,15 @@ class CachedLatentsDataset(torch.utils.data.Dataset):
             return Sample(latent, int(self.labels[index]), 0)
         shard = int(np.searchsorted(self._starts, index, side="right")) - 1
         row, handle = index - int(self._starts[shard]), self._handle(shard)
-        text = {"embeds": handle.get_slice("text_embeds")[row:row + 1][0].float(),
-                "mask": handle.get_slice("text_mask")[row:row + 1][0].long()}
+        text = {f: _loaded(f, handle.get_slice(f"text_{f}")[row:row + 1][0]) for f in self.text["fields"]}
         return EncodedSample(latent, text, 0)
 
-    def null_text(self):
-        """The empty prompt's tokens (T, D) float32 and keep-mask (T,) int64, for caption dropout."""
+    def null_text(self) -> Dict[str, torch.Tensor]:
+        """The empty prompt's token fields (masks int64, the rest float32), for caption dropout."""
         path = os.path.join(self.folder, EMPTY_PROMPT_FILE)
         try:
             with safe_open(path, framework="pt") as f:
-                return f.get_tensor("embeds").float(), f.get_tensor("mask").long()
+                return {field: _loaded(field, f.get_tensor(field)) for field in self.text["fields"]}
         except Exception as e:  # missing, truncated or foreign file
             raise DataError(f"{path}: unreadable empty-prompt tokens ({type(e).__name__}: {e})") from None
 

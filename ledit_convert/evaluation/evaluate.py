@@ -226,12 +226,12 @@ def pipeline_generator(settings: Dict, vae: Optional[str], progress: Optional[Ca
     samples settings["prompts"] (cycled); steps, cfg_scale and scheduler left None take the family's defaults."""
     from ..models.compiling import compile_blocks
     from ..inference.sampling import DIT_DEFAULTS, check_call, check_dtype, load_pipeline, open_model, plan_labels, sample_array
-    from ..inference.text_pipeline import TEXT_DEFAULTS, load_text_pipeline, plan_prompts
+    from ..inference.text_pipeline import FAMILY_OF_KIND, TEXT_DEFAULTS, load_text_pipeline, plan_prompts
     cache = {}
 
-    def setting(key: str, text: bool):
+    def setting(key: str, kind: Optional[str]):
         value = settings.get(key)
-        return (TEXT_DEFAULTS if text else DIT_DEFAULTS)[key] if value is None else value
+        return (TEXT_DEFAULTS[FAMILY_OF_KIND[kind]] if kind else DIT_DEFAULTS)[key] if value is None else value
 
     def generate(spec: ModelSpec, res: Resolution) -> np.ndarray:
         if spec.path not in cache:
@@ -241,21 +241,21 @@ def pipeline_generator(settings: Dict, vae: Optional[str], progress: Optional[Ca
                 if spec.position_mode or spec.attention_scaling:
                     raise ConfigError(f"{spec.name}: position modes apply to class-conditional DiTs only")
                 pipe = load_text_pipeline(source.transformer_dir, source.kind, vae, settings.get("text_encoder"),
-                                          setting("scheduler", True), settings["device"],
+                                          setting("scheduler", source.kind), settings["device"],
                                           check_dtype(settings["dtype"]), settings.get("negative_prompt", ""),
-                                          settings.get("max_length", 300))
+                                          settings.get("max_length"))
                 if settings.get("compile", False):
                     compile_blocks(pipe.transformer)
             else:
-                pipe = load_pipeline(spec.path, vae=vae, scheduler=setting("scheduler", False),
+                pipe = load_pipeline(spec.path, vae=vae, scheduler=setting("scheduler", None),
                                      device=settings["device"], dtype=settings["dtype"],
                                      compile=settings.get("compile", False))
             pipe.set_progress_bar_config(disable=True)
-            cache[spec.path] = (pipe, source.text)
-        pipe, text = cache[spec.path]
-        call = dict(height=res[0], width=res[1], num_inference_steps=setting("steps", text),
-                    guidance_scale=setting("cfg_scale", text))
-        if text:
+            cache[spec.path] = (pipe, source.kind if source.text else None)
+        pipe, kind = cache[spec.path]
+        call = dict(height=res[0], width=res[1], num_inference_steps=setting("steps", kind),
+                    guidance_scale=setting("cfg_scale", kind))
+        if kind:
             labels = plan_prompts(settings["num_samples"], list(settings.get("prompts") or []))
         else:
             labels = plan_labels(settings["num_samples"], None, pipe.num_classes)

@@ -13,18 +13,20 @@ import torch
 from diffusers import AutoencoderKL, DiTTransformer2DModel
 from PIL import Image
 
-from ..conversion.checkpoints import DIFFUSERS_DIT_CLASSES, DIFFUSERS_PIXART_CLASSES  # old configs say Transformer2DModel
+from ..conversion.checkpoints import (DIFFUSERS_DIT_CLASSES, DIFFUSERS_PIXART_CLASSES,  # old configs: Transformer2DModel
+                                       DIFFUSERS_SD3_CLASSES)
 from ..conversion.checkpoints import SourceCheckpoint, build_model, read_checkpoint
 from ..models.compiling import compile_blocks, is_compile_error, is_compiled, uncompile_blocks
 from ..errors import CheckpointError, ConfigError, OutputExistsError
 from ..models.dit import LEDiTTransformer2DModel
 from .pipeline import SCHEDULER_KINDS, LEDiTPipeline, default_scheduler
-from .text_pipeline import TEXT_DEFAULTS, load_text_pipeline, make_text_scheduler, plan_prompts, source_pipeline
+from .text_pipeline import (FAMILY_OF_KIND, TEXT_DEFAULTS, load_text_pipeline, make_text_scheduler, plan_prompts,
+                            source_pipeline)
 
 logger = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"  # the VAE DiT was trained with
-TEXT_KINDS = ("pixart", "pixart_diffusers")
+TEXT_KINDS = ("pixart", "pixart_diffusers", "sd3", "sd3_diffusers")
 GRID_MAX_IMAGES = 64  # a grid is a preview: 50K-sample runs must not build a gigapixel PNG
 
 
@@ -115,10 +117,14 @@ def inspect_model_dir(model_dir: str) -> ModelSource:
         kind = "pixart"
     elif class_name in DIFFUSERS_PIXART_CLASSES and config.get("norm_type") == "ada_norm_single":
         kind = "pixart_diffusers"
+    elif class_name == "LEDiTSD3Transformer2DModel":
+        kind = "sd3"
+    elif class_name in DIFFUSERS_SD3_CLASSES:
+        kind = "sd3_diffusers"
     elif class_name in DIFFUSERS_DIT_CLASSES and config.get("norm_type", "ada_norm_zero") == "ada_norm_zero":
         kind = "dit"
     else:
-        raise CheckpointError(f"{config_path} describes a {class_name}, not a LEDiT, DiT or PixArt transformer")
+        raise CheckpointError(f"{config_path} describes a {class_name}, not a LEDiT, DiT, PixArt or SD3 transformer")
     if not any(name.endswith((".safetensors", ".bin")) for name in os.listdir(transformer_dir)):
         raise CheckpointError(f"{transformer_dir} has no weights (*.safetensors or *.bin)")
     return ModelSource(model_dir, kind, transformer_dir, pipeline_dir, config)
@@ -408,7 +414,7 @@ def sample_images(
     prompts: Optional[List[str]] = None,
     negative_prompt: str = "",
     text_encoder: Optional[str] = None,
-    max_length: int = 300,
+    max_length: Optional[int] = None,
 ) -> SampleResult:
     """Generate `num_samples` images and write PNGs, a grid and optionally an ADM-format npz.
 
@@ -432,12 +438,12 @@ def sample_images(
         raise ConfigError(f"dtype {dtype!r} is not one of {tuple(DTYPES)}")
     _check_device(device)
     source = open_model(model_dir, num_heads=num_heads)
-    defaults = TEXT_DEFAULTS if source.text else DIT_DEFAULTS
+    defaults = TEXT_DEFAULTS[FAMILY_OF_KIND[source.kind]] if source.text else DIT_DEFAULTS
     steps = defaults["steps"] if steps is None else steps
     cfg_scale = defaults["cfg_scale"] if cfg_scale is None else cfg_scale
     scheduler = defaults["scheduler"] if scheduler is None else scheduler
     if source.text:
-        make_text_scheduler(scheduler)  # refuses the learned-variance ddpm
+        make_text_scheduler(scheduler, FAMILY_OF_KIND[source.kind])  # refuses what cannot sample the family
     elif scheduler not in SCHEDULER_KINDS:
         raise ConfigError(f"scheduler {scheduler!r} is not one of {SCHEDULER_KINDS}")
     for name, value in (("num_samples", num_samples), ("batch_size", batch_size), ("steps", steps)):

@@ -1,35 +1,51 @@
-"""Text-to-image sampling of a PixArt (LEDiT or stock) at any height and width: prompts encoded by
-`text.TextEncoder` (the encoding training used), denoised by diffusers' own PixArt pipelines with resolution
-binning off, so the converted transformer runs in exactly the pipeline it would drop into."""
+"""Text-to-image sampling of a PixArt or an SD3 (LEDiT or stock) at any height and width: prompts encoded by the
+family's text encoders (`data.text`, the encoding training used), denoised by diffusers' own pipelines (PixArt's
+with resolution binning off; SD3's with its flow-matching Euler scheduler), so the converted transformer runs in
+exactly the pipeline it would drop into."""
 import json
 import os
 from typing import List, Optional, Sequence
 
 import torch
-from diffusers import PixArtAlphaPipeline, PixArtSigmaPipeline, PixArtTransformer2DModel
+from diffusers import (FlowMatchEulerDiscreteScheduler, PixArtAlphaPipeline, PixArtSigmaPipeline,
+                       PixArtTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline)
 
+from ..data.text import DEFAULT_MAX_LENGTH, SD3_MAX_LENGTH, load_sd3_text_encoders, load_text_encoder
 from ..errors import CheckpointError, ConfigError
-from .pipeline import default_scheduler
 from ..models.pixart import LEDiTPixArtTransformer2DModel
-from ..data.text import DEFAULT_MAX_LENGTH, TextEncoder, load_text_encoder
+from ..models.sd3 import LEDiTSD3Transformer2DModel
+from .pipeline import default_scheduler
 
-TEXT_SCHEDULERS = ("dpm", "ddim")  # PixArt's pipelines drop the learned variance, which DiT's ddpm sampler reads
-TEXT_DEFAULTS = {"steps": 20, "cfg_scale": 4.5, "scheduler": "dpm"}  # PixArt's pipeline defaults
+FAMILY_OF_KIND = {"pixart": "pixart", "pixart_diffusers": "pixart", "sd3": "sd3", "sd3_diffusers": "sd3"}
+MODEL_OF_KIND = {"pixart": LEDiTPixArtTransformer2DModel, "pixart_diffusers": PixArtTransformer2DModel,
+                 "sd3": LEDiTSD3Transformer2DModel, "sd3_diffusers": SD3Transformer2DModel}
+# PixArt's pipelines drop the learned variance, which DiT's ddpm sampler reads; SD3 samples its flow
+TEXT_SCHEDULERS = {"pixart": ("dpm", "ddim"), "sd3": ("flow",)}
+TEXT_DEFAULTS = {"pixart": {"steps": 20, "cfg_scale": 4.5, "scheduler": "dpm", "max_length": DEFAULT_MAX_LENGTH},
+                 "sd3": {"steps": 28, "cfg_scale": 7.0, "scheduler": "flow", "max_length": SD3_MAX_LENGTH}}
 
 
 class TextToImage:
     """Calls like `LEDiTPipeline` with prompts in place of class labels: `(prompts, generator=, output_type=, height=,
-    width=, num_inference_steps=, guidance_scale=)` -> an output with `.images`. A micro-conditioned model (PixArt-alpha
-    1024) runs in PixArtAlphaPipeline, which computes its resolution and aspect-ratio inputs; others in
-    PixArtSigmaPipeline."""
+    width=, num_inference_steps=, guidance_scale=)` -> an output with `.images`. An SD3 runs in
+    StableDiffusion3Pipeline; a micro-conditioned PixArt (alpha 1024) in PixArtAlphaPipeline, which computes its
+    resolution and aspect-ratio inputs; other PixArts in PixArtSigmaPipeline. The pipelines get the encoded
+    prompts, never the prompts, so they need no text encoder of their own."""
 
-    def __init__(self, transformer, vae, scheduler, encoder: TextEncoder, negative_prompt: str = ""):
-        micro = getattr(transformer, "use_additional_conditions", False)
-        if micro and transformer.config.sample_size != 128:
-            raise ConfigError(f"a micro-conditioned PixArt of sample_size {transformer.config.sample_size}: diffusers' "
-                              f"PixArt-alpha pipeline gives resolution and aspect ratio only to sample_size 128")
-        cls = PixArtAlphaPipeline if micro else PixArtSigmaPipeline
-        self.pipe = cls(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=scheduler)
+    def __init__(self, transformer, vae, scheduler, encoder, negative_prompt: str = ""):
+        self.sd3 = hasattr(transformer.config, "joint_attention_dim")
+        if self.sd3:
+            self.pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae,
+                                                 text_encoder=None, tokenizer=None, text_encoder_2=None,
+                                                 tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+        else:
+            micro = getattr(transformer, "use_additional_conditions", False)
+            if micro and transformer.config.sample_size != 128:
+                raise ConfigError(f"a micro-conditioned PixArt of sample_size {transformer.config.sample_size}: "
+                                  f"diffusers' PixArt-alpha pipeline gives resolution and aspect ratio only to "
+                                  f"sample_size 128")
+            cls = PixArtAlphaPipeline if micro else PixArtSigmaPipeline
+            self.pipe = cls(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=scheduler)
         self.encoder, self.negative_prompt = encoder, negative_prompt
 
     @property
@@ -50,25 +66,35 @@ class TextToImage:
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], guidance_scale: float = 4.5, **call):
-        embeds, mask = self.encoder.encode(list(prompts))
-        negative = {}
+        second = "pooled_prompt_embeds" if self.sd3 else "prompt_attention_mask"
+        tokens = self.encoder.encode(list(prompts))
+        args = dict(prompt_embeds=tokens["embeds"], **{second: tokens["pooled" if self.sd3 else "mask"]})
         if guidance_scale > 1.0:
-            neg_embeds, neg_mask = self.encoder.encode([self.negative_prompt] * len(prompts))
-            negative = dict(negative_prompt_embeds=neg_embeds, negative_prompt_attention_mask=neg_mask)
-        return self.pipe(prompt_embeds=embeds, prompt_attention_mask=mask, guidance_scale=guidance_scale,
-                         negative_prompt=None, use_resolution_binning=False, **negative, **call)
+            neg = self.encoder.encode([self.negative_prompt] * len(prompts))
+            args.update(negative_prompt_embeds=neg["embeds"],
+                        **{"negative_" + second: neg["pooled" if self.sd3 else "mask"]})
+        if not self.sd3:
+            args.update(negative_prompt=None, use_resolution_binning=False)
+        return self.pipe(guidance_scale=guidance_scale, **args, **call)
 
 
-def make_text_scheduler(kind: str):
-    """DiT's (and PixArt's) 1000-step linear schedule as a DPM-Solver++ or DDIM scheduler."""
-    if kind not in TEXT_SCHEDULERS:
-        raise ConfigError(f"scheduler {kind!r} does not sample a text-to-image model; use one of {TEXT_SCHEDULERS} "
-                          f"(PixArt's pipelines drop the learned variance that ddpm reads)")
-    return default_scheduler(kind)
+def make_text_scheduler(kind: str, family: str = "pixart", home: Optional[str] = None):
+    """PixArt: DiT's (and PixArt's) 1000-step linear schedule as a DPM-Solver++ or DDIM scheduler. SD3: the flow-
+    matching Euler scheduler of the pipeline folder `home` (its shift, and its resolution-dependent shift when it has
+    one), else SD3's (shift 3)."""
+    if kind not in TEXT_SCHEDULERS[family]:
+        why = " (PixArt's pipelines drop the learned variance that ddpm reads)" if family == "pixart" else ""
+        raise ConfigError(f"scheduler {kind!r} does not sample a {family} model; use one of "
+                          f"{TEXT_SCHEDULERS[family]}{why}")
+    if family == "pixart":
+        return default_scheduler(kind)
+    if home is not None and os.path.isfile(os.path.join(home, "scheduler", "scheduler_config.json")):
+        return FlowMatchEulerDiscreteScheduler.from_pretrained(home, subfolder="scheduler")
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
 
 
 def source_pipeline(transformer_dir: str, hops: int = 4) -> Optional[str]:
-    """The PixArt pipeline folder a converted model came from, followed through provenance.json (surgery, then
+    """The pipeline folder a converted model came from, followed through provenance.json (surgery, then
     each fine-tune), if it still exists: the default home of the VAE and text encoder."""
     folder = transformer_dir
     for _ in range(hops):
@@ -88,26 +114,35 @@ def source_pipeline(transformer_dir: str, hops: int = 4) -> Optional[str]:
     return None
 
 
+def load_text_encoders(family: str, path: str, max_length: Optional[int] = None, device="cpu",
+                       dtype: torch.dtype = torch.float32):
+    """A family's text encoding: T5 for PixArt, the two CLIPs and T5 for SD3 (`max_length`: the family's default)."""
+    length = TEXT_DEFAULTS[family]["max_length"] if max_length is None else max_length
+    loader = load_sd3_text_encoders if family == "sd3" else load_text_encoder
+    return loader(path, length, device, dtype)
+
+
 def load_text_pipeline(transformer_dir: str, kind: str, vae: Optional[str], text_encoder: Optional[str],
-                       scheduler: str = "dpm", device: str = "cpu", dtype: torch.dtype = torch.float32,
-                       negative_prompt: str = "", max_length: int = DEFAULT_MAX_LENGTH) -> TextToImage:
-    """A converted ("pixart") or stock diffusers ("pixart_diffusers") PixArt with its VAE and text encoder, by
-    default those of the pipeline folder it came from (`source_pipeline`)."""
+                       scheduler: Optional[str] = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                       negative_prompt: str = "", max_length: Optional[int] = None) -> TextToImage:
+    """A converted ("pixart", "sd3") or stock diffusers ("pixart_diffusers", "sd3_diffusers") text-to-image
+    transformer with its VAE and text encoders, by default those of the pipeline folder it came from
+    (`source_pipeline`)."""
     from .sampling import assemble_vae
+    family = FAMILY_OF_KIND[kind]
     home = source_pipeline(transformer_dir)
     vae, text_encoder = vae or home, text_encoder or home
     for name, value in (("--vae", vae), ("--text-encoder", text_encoder)):
         if value is None:
-            raise ConfigError(f"{transformer_dir}: a text-to-image model needs {name} (its PixArt pipeline folder "
-                              f"or id), and the folder it was converted from is not at hand")
-    noise_scheduler = make_text_scheduler(scheduler)
-    cls = LEDiTPixArtTransformer2DModel if kind == "pixart" else PixArtTransformer2DModel
+            raise ConfigError(f"{transformer_dir}: a text-to-image model needs {name} (its pipeline folder or id), "
+                              f"and the folder it was converted from is not at hand")
+    noise_scheduler = make_text_scheduler(scheduler or TEXT_DEFAULTS[family]["scheduler"], family, home)
     try:
-        transformer = cls.from_pretrained(transformer_dir, torch_dtype=dtype)
+        transformer = MODEL_OF_KIND[kind].from_pretrained(transformer_dir, torch_dtype=dtype)
     except (OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"cannot load the transformer in {transformer_dir}: {str(e).splitlines()[0]}") from None
-    encoder = load_text_encoder(text_encoder, max_length, device)
-    encoder.check_width(transformer.config.caption_channels, transformer_dir)
+    encoder = load_text_encoders(family, text_encoder, max_length, device)
+    encoder.check_fits(transformer.config, transformer_dir)
     return TextToImage(transformer, assemble_vae(vae), noise_scheduler, encoder, negative_prompt).to(device)
 
 

@@ -130,6 +130,8 @@ class LEDiTSD3Transformer2DModel(LEDiTModelMixin, ModelMixin, ConfigMixin):
             tokens.
         locality, locality_kernel_size, locality_dilation_prob, locality_dilation_rates, locality_post_norm: the
             locality conv after patchify, as in `LEDiTTransformer2DModel`.
+        objective (`str`): what the model was trained to predict: "flow" (rectified flow's noise - x0, SD3's). A
+            record for readers of the folder; the forward is the same.
     """
 
     _supports_gradient_checkpointing = True
@@ -163,6 +165,7 @@ class LEDiTSD3Transformer2DModel(LEDiTModelMixin, ModelMixin, ConfigMixin):
         locality_dilation_prob: float = 0.1,
         locality_dilation_rates: List[int] = (2,),
         locality_post_norm: bool = False,
+        objective: str = "flow",
     ):
         super().__init__()
         dim = num_attention_heads * attention_head_dim
@@ -173,6 +176,8 @@ class LEDiTSD3Transformer2DModel(LEDiTModelMixin, ModelMixin, ConfigMixin):
             attention_scaling=attention_scaling, locality=locality, locality_kernel_size=locality_kernel_size,
             dilation_prob=locality_dilation_prob, dilation_rates=list(locality_dilation_rates), timestep_freq_shift=0,
         )
+        if objective != "flow":
+            problems.append(f"objective {objective!r}: an SD3 is trained with 'flow'")
         if causal_text not in TEXT_VIEWS:
             problems.append(f"causal_text {causal_text!r} is not one of {TEXT_VIEWS}")
         if any(not 0 <= i < num_layers for i in dual_attention_layers):

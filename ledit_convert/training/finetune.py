@@ -17,16 +17,20 @@ from ..errors import ConfigError, DataError
 from ..conversion.export import cpu_state_dict, init_config, provenance_record, write_model_folder
 from ..conversion.checkpoints import LEDIT_CLASS_NAMES, MODEL_CLASSES
 from .recipe import Recipe, save_recipe
-from .trainstep import diffusion_loss, ema_decay, learning_rate
+from .trainstep import diffusion_loss, ema_decay, flow_training_loss, learning_rate
 from .runstate import (ResumableSampler, SeededItems, finish_checkpoint, partial_dir, read_state, resolve_resume,
                        rng_state, set_rng_state, update_ema, write_state)
 
 logger = logging.getLogger(__name__)
 # per family: the linears LoRA adapts, and what trains fully beside them (the locality conv, adaLN, the final layer)
 LORA_TARGETS = {"dit": r".*blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))",
-                "pixart": r".*transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))"}
+                "pixart": r".*transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))",
+                "sd3": r".*transformer_blocks\.\d+\.(attn2?\.(to_q|to_k|to_v|to_out\.0|add_[qkv]_proj|to_add_out)"
+                       r"|ff(_context)?\.net\.(0\.proj|2))"}
 FULLY_TRAINED_WITH_LORA = {"dit": ("locality_conv", "adaLN_modulation", "final_layer"),
-                           "pixart": ("locality_conv", "adaln_single", "scale_shift_table", "proj_out")}
+                           "pixart": ("locality_conv", "adaln_single", "scale_shift_table", "proj_out"),
+                           "sd3": ("locality_conv", "norm1.linear", "norm1_context.linear", "norm_out", "proj_out")}
+OBJECTIVES = {"dit": "diffusion", "pixart": "diffusion", "sd3": "flow"}  # what each family is trained with
 
 
 @dataclass
@@ -55,7 +59,8 @@ class Run:
     evaluator: Optional[object] = None  # periodic.PeriodicEvaluator (every process) when eval_every > 0
     family: str = "dit"  # "dit" (class ids) or "pixart" (text)
     text_encoder: Optional[object] = None  # text.TextEncoder: encodes captions of uncached data, validation prompts
-    null_text: Optional[tuple] = None  # the empty prompt's (tokens (T, D), mask (T,)) on the device, for dropout
+    null_text: Optional[Dict] = None  # the empty prompt's token fields on the device, for caption dropout
+    flow: Optional[object] = None  # flow.FlowSchedule when the objective is rectified flow (SD3)
 
     @property
     def config(self):
@@ -170,7 +175,9 @@ def setup(model_dir: str, data, recipe: Recipe, output_dir: str, resume: Optiona
         raise DataError(f"{data}: {recipe.resolution}px images give {channels} x {side}x{side} inputs, which do not "
                         f"fit a model with {cfg.in_channels} input channels and patch {cfg.patch_size}")
     vae = None if is_latents else load_vae(recipe.vae, accelerator.device)
-    text_encoder, null_text = _text_inputs(dataset, recipe, cfg, data, accelerator.device) if text else (None, None)
+    text_encoder, null_text = (_text_inputs(dataset, recipe, cfg, data, accelerator.device, family) if text
+                               else (None, None))
+    flow = _flow_schedule(recipe, family)
 
     # model, EMA (a frozen copy, fp32), optimizer
     model.set_attention_backend(recipe.attention_backend)
@@ -194,7 +201,8 @@ def setup(model_dir: str, data, recipe: Recipe, output_dir: str, resume: Optiona
 
     run = Run(accelerator, recipe, prepared, model, ema, trainable, ema_trainable, optimizer, None,
               DiffusionSchedule(), vae, step_generator, output_dir, model_path, micro_batch,
-              compile_pending=recipe.compile, family=family, text_encoder=text_encoder, null_text=null_text)
+              compile_pending=recipe.compile, family=family, text_encoder=text_encoder, null_text=null_text,
+              flow=flow)
     consumed = 0
     if resume_from is not None:
         consumed = _load_checkpoint(run, resume_from)
@@ -205,6 +213,9 @@ def setup(model_dir: str, data, recipe: Recipe, output_dir: str, resume: Optiona
         num_workers=recipe.num_workers, pin_memory=accelerator.device.type == "cuda", drop_last=True,
         persistent_workers=recipe.num_workers > 0,
         generator=torch.Generator().manual_seed(recipe.seed))  # keeps worker seeding off the global RNG stream
+    if flow is not None and recipe.eval_every:
+        raise ConfigError("eval_every: evaluation during training measures DiT's objective; a flow-trained model is "
+                          "evaluated with `ledit-convert evaluate --prompts-file`")
     if text and recipe.eval_every and set(recipe.eval_metrics) - {"heldout_loss"}:
         raise ConfigError(f"eval_metrics {recipe.eval_metrics}: a text-to-image model evaluates heldout_loss during "
                           f"training; FID per size comes from `ledit-convert evaluate --prompts-file`")
@@ -218,14 +229,35 @@ def setup(model_dir: str, data, recipe: Recipe, output_dir: str, resume: Optiona
     return run
 
 
-def _text_inputs(dataset, recipe: Recipe, cfg, data, device):
+def _flow_schedule(recipe: Recipe, family: str):
+    """The rectified-flow schedule when the recipe's objective (auto: the family's) is flow, else None; an objective
+    the family is not trained with is refused."""
+    objective = OBJECTIVES[family] if recipe.objective == "auto" else recipe.objective
+    if objective != OBJECTIVES[family]:
+        raise ConfigError(f"objective {objective!r}: a {family} model fine-tunes with {OBJECTIVES[family]!r}")
+    if objective != "flow":
+        return None
+    from .flow import FlowSchedule
+    try:
+        return FlowSchedule(shift=recipe.flow_shift, weighting_scheme=recipe.flow_weighting,
+                            loss_weighting=recipe.flow_loss_weighting)
+    except ValueError as e:
+        raise ConfigError(f"recipe: {e}") from None
+
+
+def _text_inputs(dataset, recipe: Recipe, cfg, data, device, family: str):
     """A text model's encoder (loaded when captions must be encoded: uncached data, validation prompts) and the
-    empty prompt's tokens, each checked against the transformer's caption_channels."""
-    from ..data.text import load_text_encoder
+    empty prompt's tokens, each checked against the transformer (PixArt's caption_channels, SD3's
+    joint_attention_dim)."""
+    from ..inference.text_pipeline import load_text_encoders
     cached = getattr(dataset, "text", None)
-    if cached is not None and cached["width"] != cfg.caption_channels:
+    key = "joint_attention_dim" if family == "sd3" else "caption_channels"
+    if cached is not None and cached["width"] != getattr(cfg, key):
         raise DataError(f"{data}: the cache holds {cached['width']}-wide text tokens (from {cached['encoder']}), "
-                        f"but the model takes caption_channels {cfg.caption_channels}")
+                        f"but the model takes {key} {getattr(cfg, key)}")
+    if cached is not None and ("pooled" in cached["fields"]) != (family == "sd3"):
+        raise DataError(f"{data}: the cache holds {'+'.join(cached['fields'])} text fields, which a {family} model "
+                        f"does not take; cache with the model's own text encoders")
     needed = cached is None or recipe.validate_every > 0
     if needed and recipe.text_encoder is None:
         why = "validation prompts (validate_every > 0)" if cached is not None else "uncached captions"
@@ -234,10 +266,10 @@ def _text_inputs(dataset, recipe: Recipe, cfg, data, device):
                                                                                cached is not None else ""))
     encoder = None
     if needed:
-        encoder = load_text_encoder(recipe.text_encoder, recipe.text_max_length, device)
-        encoder.check_width(cfg.caption_channels, "the model")
-    embeds, mask = dataset.null_text() if cached is not None else (t[0] for t in encoder.encode([""]))
-    return encoder, (embeds.to(device), mask.to(device))
+        encoder = load_text_encoders(family, recipe.text_encoder, recipe.text_max_length, device)
+        encoder.check_fits(cfg, "the model")
+    null = dataset.null_text() if cached is not None else {k: v[0] for k, v in encoder.encode([""]).items()}
+    return encoder, {k: v.to(device) for k, v in null.items()}
 
 
 def _build_evaluator(run: Run, heldout):
@@ -323,13 +355,15 @@ def condition(run: Run, batch, side: int):
     from ..data.text import TextCondition, micro_conditions
     device = run.accelerator.device
     if isinstance(batch, EncodedSample):
-        embeds, mask = batch.text["embeds"].to(device, non_blocking=True), batch.text["mask"].to(device)
+        tokens = {k: v.to(device, non_blocking=True) for k, v in batch.text.items()}
     elif isinstance(batch, CaptionSample):
-        embeds, mask = run.text_encoder.encode(batch.caption)
+        tokens = run.text_encoder.encode(batch.caption)
     else:
         return batch[1].to(device, non_blocking=True)
-    micro = micro_conditions(len(embeds), side, side, device) if run.config.use_additional_conditions else None
-    return TextCondition(embeds, mask, *run.null_text, micro)
+    micro = None
+    if getattr(run.config, "use_additional_conditions", False):
+        micro = micro_conditions(len(tokens["embeds"]), side, side, device)
+    return TextCondition(tokens, run.null_text, micro)
 
 
 def _step(run: Run, batch) -> torch.Tensor:
@@ -341,9 +375,13 @@ def _step(run: Run, batch) -> torch.Tensor:
     run.skipped_images += int(skipped.sum())  # counted on the CPU batch: no device sync
     x0 = _encode(run, x)
     with run.accelerator.accumulate(run.model):
-        learn_sigma = run.config.out_channels == 2 * run.config.in_channels
-        loss = diffusion_loss(run.model, run.schedule, x0, labels, run.step_generator, run.recipe.class_dropout,
-                              getattr(run.config, "num_classes", 0), learn_sigma, run.accelerator.autocast)
+        if run.flow is not None:
+            loss = flow_training_loss(run.model, run.flow, x0, labels, run.step_generator, run.recipe.class_dropout,
+                                      run.accelerator.autocast)
+        else:
+            learn_sigma = run.config.out_channels == 2 * run.config.in_channels
+            loss = diffusion_loss(run.model, run.schedule, x0, labels, run.step_generator, run.recipe.class_dropout,
+                                  getattr(run.config, "num_classes", 0), learn_sigma, run.accelerator.autocast)
         run.accelerator.backward(loss)
         if run.accelerator.sync_gradients and run.recipe.max_grad_norm:
             run.accelerator.clip_grad_norm_(run.trainable, run.recipe.max_grad_norm)
@@ -517,7 +555,9 @@ def validation_grids(run: Run) -> List[Path]:
         # diffusers' pipeline takes a plain transformer: with LoRA, a merged copy (the EMA itself stays wrapped)
         ema = copy.deepcopy(run.ema).merge_and_unload() if recipe.lora_rank > 0 else run.ema
         conditions = list(recipe.validation_prompts)
-        pipe = TextToImage(ema, vae, make_text_scheduler("dpm"), run.text_encoder)
+        from ..inference.text_pipeline import TEXT_DEFAULTS
+        pipe = TextToImage(ema, vae, make_text_scheduler(TEXT_DEFAULTS[run.family]["scheduler"], run.family),
+                           run.text_encoder)
     pipe.set_progress_bar_config(disable=True)
     folder = run.output_dir / "validation"
     folder.mkdir(parents=True, exist_ok=True)

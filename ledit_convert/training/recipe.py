@@ -25,7 +25,8 @@ class Recipe:
     class_map: Optional[str] = None  # JSON/text file mapping folder names to class ids
     caption_column: str = "caption"  # text-to-image models: a HF dataset's caption column
     text_encoder: Optional[str] = None  # text-to-image models: encodes captions of uncached data and validation prompts
-    text_max_length: int = 300  # text tokens per caption when text_encoder encodes (PixArt-Sigma 300, alpha 120)
+    text_max_length: Optional[int] = None  # (T5) tokens per caption when text_encoder encodes (default: PixArt 300
+    # (alpha trained with 120), SD3 256)
     random_flip: bool = True  # ADM: random horizontal flip
     num_workers: int = 4
     # optimisation
@@ -44,7 +45,11 @@ class Recipe:
     ema_half_life_images: Optional[float] = None
     ema_rampup_ratio: Optional[float] = None  # EDM: 0.05
     lr_warmup_steps: int = 0  # linear LR warm-up; DiT has none
-    class_dropout: float = 0.1  # DiT: labels dropped to the null class for CFG; PixArt: captions to the empty prompt
+    class_dropout: float = 0.1  # DiT: labels dropped to the null class for CFG; PixArt, SD3: captions to the empty prompt
+    objective: str = "auto"  # diffusion (DiT's, for DiT and PixArt) | flow (SD3's rectified flow); auto: the family's
+    flow_shift: float = 3.0  # rectified flow: SD3's timestep shift
+    flow_weighting: str = "logit_normal"  # rectified flow: timestep density, logit_normal | mode | uniform
+    flow_loss_weighting: str = "none"  # rectified flow: none | sigma_sqrt | cosmap
     mixed_precision: str = "no"  # no | bf16 | fp16
     allow_tf32: bool = True  # DiT allows TF32
     gradient_checkpointing: bool = False
@@ -87,8 +92,12 @@ class Recipe:
         """Every problem with the values at once."""
         p = []
         positive = ("resolution", "steps", "global_batch_size", "gradient_accumulation_steps", "checkpoint_every",
-                    "keep_checkpoints", "log_every", "validation_steps", "text_max_length")
+                    "keep_checkpoints", "log_every", "validation_steps")
         p += [f"{k} must be positive, got {getattr(self, k)}" for k in positive if getattr(self, k) <= 0]
+        if self.text_max_length is not None and self.text_max_length <= 0:
+            p.append(f"text_max_length must be positive, got {self.text_max_length}")
+        if self.objective not in ("auto", "diffusion", "flow"):
+            p.append(f"objective {self.objective!r} is not one of auto, diffusion, flow")
         if self.data_kind not in ("auto", "images", "hf", "latents"):
             p.append(f"data_kind {self.data_kind!r} is not one of auto, images, hf, latents")
         if self.attention_backend not in ATTENTION_BACKENDS:

@@ -33,6 +33,19 @@ def diffusion_loss(model, schedule: DiffusionSchedule, x0: torch.Tensor, labels:
     return dict(terms, t=t) if per_sample else terms["loss"].mean()
 
 
+def flow_training_loss(model, schedule, x0: torch.Tensor, cond: TextCondition, generator: Optional[torch.Generator],
+                       caption_dropout: float, autocast=nullcontext, per_sample: bool = False):
+    """Rectified flow (SD3's objective, `flow.flow_loss`) on a batch of clean latents given text tokens; the draws,
+    in order: timesteps, noise, caption dropout (to the empty prompt, CFG), all from `generator`."""
+    from .flow import flow_loss
+
+    def predict(x_t, t):
+        drop = torch.rand(x_t.shape[0], generator=generator, device=x_t.device) < caption_dropout
+        with autocast():
+            return model(x_t, timestep=t, **cond.model_kwargs(drop)).sample.float()
+    return flow_loss(predict, schedule, x0, generator, per_sample=per_sample)
+
+
 def ema_decay(step: int, batch: int, decay: float, half_life_images: Optional[float] = None,
               rampup_ratio: Optional[float] = None) -> float:
     """The EMA decay for the update after optimizer step `step` (0-based) at `batch` images per step.
