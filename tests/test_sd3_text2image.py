@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from _tiny import save_sd3_text_encoders, tiny_vae
 from test_sd3 import stock
 from test_surgery import BLOCK_LEDIT_CONVERT
-from test_text2image import captioned_folder
+from test_text2image import captioned_folder, evaluate_with_prompts
 from ledit_convert.cli import app
 from ledit_convert.data.latents import CachedLatentsDataset
 from ledit_convert.data.text import load_sd3_text_encoders
@@ -196,17 +196,4 @@ def test_sd35_recipe_trains_with_flow_at_512():
 
 
 def test_evaluate_with_a_prompts_file_scores_ledit_and_stock_sd3(tmp_path, sd3_pipeline):
-    runner = CliRunner()
-    model = tmp_path / "ledit"
-    assert runner.invoke(app, ["surgery", str(sd3_pipeline), "-o", str(model)]).exit_code == 0
-    ref = captioned_folder(tmp_path / "ref", n=6)
-    (tmp_path / "prompts.txt").write_text("a red square\na blue square on white background\n")
-    result = runner.invoke(app, [
-        "evaluate", "--model", f"ledit={model}", "--model", f"sd3={sd3_pipeline}", "--resolutions", "32,64x32",
-        "--reference", str(ref), "--prompts-file", str(tmp_path / "prompts.txt"), "--max-length", str(MAX_LEN),
-        "--num-samples", "4", "--steps", "2", "--device", "cpu", "--batch-size", "4", "-o", str(tmp_path / "eval")])
-    assert result.exit_code == 0, result.output
-    rows = json.loads((tmp_path / "eval" / "results.json").read_text())["rows"]
-    assert {(r["model"], r["resolution"]) for r in rows} == {("ledit", "32"), ("ledit", "64x32"), ("sd3", "32"),
-                                                             ("sd3", "64x32")}
-    assert all(np.isfinite(r["fid"]) and r["fid"] > 0 for r in rows)
+    evaluate_with_prompts(tmp_path, sd3_pipeline, "sd3", "32,64x32", MAX_LEN)

@@ -295,22 +295,30 @@ def test_pixart_recipes_train_at_their_size_with_their_token_count(name, train, 
     assert recipe.class_dropout == 0.1 and recipe.text_encoder and recipe.validate_every > 0  # grids at 1x and 2x
 
 
-def test_evaluate_with_a_prompts_file_scores_each_size_for_ledit_and_stock_pixart(tmp_path, pixart_pipeline):
+def evaluate_with_prompts(tmp_path, pipeline_dir, stock_name: str, resolutions: str, max_length: int):
+    """`evaluate --prompts-file` of a surgery of `pipeline_dir` ("ledit") and the stock pipeline; its results.json."""
     runner = CliRunner()
     model = tmp_path / "ledit"
-    assert runner.invoke(app, ["surgery", str(pixart_pipeline), "-o", str(model)]).exit_code == 0
+    assert runner.invoke(app, ["surgery", str(pipeline_dir), "-o", str(model)]).exit_code == 0
     ref = captioned_folder(tmp_path / "ref", n=6)
     (tmp_path / "prompts.txt").write_text("a red square\n\na blue square on white background\n")
     result = runner.invoke(app, [
-        "evaluate", "--model", f"ledit={model}", "--model", f"pixart={pixart_pipeline}", "--resolutions", "32,32x64",
-        "--reference", str(ref), "--prompts-file", str(tmp_path / "prompts.txt"), "--max-length", str(MAX_LEN),
-        "--num-samples", "4", "--steps", "2", "--device", "cpu", "--batch-size", "4", "-o", str(tmp_path / "eval")])
+        "evaluate", "--model", f"ledit={model}", "--model", f"{stock_name}={pipeline_dir}", "--resolutions",
+        resolutions, "--reference", str(ref), "--prompts-file", str(tmp_path / "prompts.txt"), "--max-length",
+        str(max_length), "--num-samples", "4", "--steps", "2", "--device", "cpu", "--batch-size", "4",
+        "-o", str(tmp_path / "eval")])
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert {(r["model"], r["resolution"]) for r in data["rows"]} == {
-        ("ledit", "32"), ("ledit", "32x64"), ("pixart", "32"), ("pixart", "32x64")}
+        (m, r) for m in ("ledit", stock_name) for r in resolutions.split(",")}
     assert all(np.isfinite(r["fid"]) and r["fid"] > 0 for r in data["rows"])
     assert data["settings"]["prompts"] == str(tmp_path / "prompts.txt")
+    return model, ref
+
+
+def test_evaluate_with_a_prompts_file_scores_each_size_for_ledit_and_stock_pixart(tmp_path, pixart_pipeline):
+    runner = CliRunner()
+    model, ref = evaluate_with_prompts(tmp_path, pixart_pipeline, "pixart", "32,32x64", MAX_LEN)
     result = runner.invoke(app, ["evaluate", "--model", str(model), "--resolutions", "32", "--reference", str(ref),
                                  "--num-samples", "2", "--device", "cpu", "-o", str(tmp_path / "e2")])
     assert result.exit_code != 0 and "pass --prompt or --prompts-file" in result.output

@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -589,6 +589,20 @@ class LEDiTTransformer2DModel(LEDiTModelMixin, ModelMixin, ConfigMixin, PeftAdap
         if not return_dict:
             return (out,)
         return Transformer2DModelOutput(sample=out)
+
+
+def image_path_config(dim: int, num_attention_heads: int, num_layers: int, attention_layout, causal_scan: str,
+                      position_encoding: str, attention_scaling: str, locality: str, locality_kernel_size: int,
+                      locality_dilation_prob: float, locality_dilation_rates) -> Tuple[List[str], List[str]]:
+    """A text-to-image family's attention layout (None: every block "self") and the problems of its LEDiT settings,
+    which all act on the image path (positions interpolated as diffusers does, no timestep shift)."""
+    layout = list(attention_layout) if attention_layout is not None else ["self"] * num_layers
+    problems = _config_problems(
+        hidden_size=dim, num_attention_heads=num_attention_heads, num_layers=num_layers, layout=layout,
+        causal_scan=causal_scan, position_encoding=position_encoding, position_mode="interpolate",
+        attention_scaling=attention_scaling, locality=locality, locality_kernel_size=locality_kernel_size,
+        dilation_prob=locality_dilation_prob, dilation_rates=list(locality_dilation_rates), timestep_freq_shift=0)
+    return layout, problems
 
 
 def _config_problems(*, hidden_size, num_attention_heads, num_layers, layout, causal_scan, position_encoding,

@@ -20,7 +20,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import AdaLayerNormSingle
 
-from .dit import LEDiTModelMixin, LocalityConv, _config_problems, add_remote_code, attend, unpatchify
+from .dit import LEDiTModelMixin, LocalityConv, add_remote_code, attend, image_path_config, unpatchify
 
 REMOTE_CODE_FILE = "modeling_ledit_pixart.py"  # this file, as it is copied beside saved weights
 TEXT_MASK_BIAS = -10000.0  # what diffusers' PixArt adds to the logits of masked text tokens
@@ -137,13 +137,9 @@ class LEDiTPixArtTransformer2DModel(LEDiTModelMixin, ModelMixin, ConfigMixin):
     ):
         super().__init__()
         dim = num_attention_heads * attention_head_dim
-        layout = list(attention_layout) if attention_layout is not None else ["self"] * num_layers
-        problems = _config_problems(
-            hidden_size=dim, num_attention_heads=num_attention_heads, num_layers=num_layers, layout=layout,
-            causal_scan=causal_scan, position_encoding=position_encoding, position_mode="interpolate",
-            attention_scaling=attention_scaling, locality=locality, locality_kernel_size=locality_kernel_size,
-            dilation_prob=locality_dilation_prob, dilation_rates=list(locality_dilation_rates), timestep_freq_shift=0,
-        )
+        layout, problems = image_path_config(dim, num_attention_heads, num_layers, attention_layout, causal_scan,
+                                             position_encoding, attention_scaling, locality, locality_kernel_size,
+                                             locality_dilation_prob, locality_dilation_rates)
         if norm_type != "ada_norm_single":
             problems.append(f"norm_type {norm_type!r} is not PixArt's 'ada_norm_single'")
         if num_embeds_ada_norm is None:

@@ -22,8 +22,8 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import AdaLayerNormContinuous
 
-from .dit import (LEDiTModelMixin, LocalityConv, _config_problems, add_remote_code, attend, attention_mask,
-                  causal_visibility, unpatchify)
+from .dit import (LEDiTModelMixin, LocalityConv, add_remote_code, attend, attention_mask, causal_visibility,
+                  image_path_config, unpatchify)
 
 REMOTE_CODE_FILE = "modeling_ledit_sd3.py"  # this file, as it is copied beside saved weights
 TEXT_VIEWS = ("all", "text")  # what a text token sees in a causal block: every token, or the text tokens only
@@ -169,13 +169,9 @@ class LEDiTSD3Transformer2DModel(LEDiTModelMixin, ModelMixin, ConfigMixin):
     ):
         super().__init__()
         dim = num_attention_heads * attention_head_dim
-        layout = list(attention_layout) if attention_layout is not None else ["self"] * num_layers
-        problems = _config_problems(
-            hidden_size=dim, num_attention_heads=num_attention_heads, num_layers=num_layers, layout=layout,
-            causal_scan=causal_scan, position_encoding=position_encoding, position_mode="interpolate",
-            attention_scaling=attention_scaling, locality=locality, locality_kernel_size=locality_kernel_size,
-            dilation_prob=locality_dilation_prob, dilation_rates=list(locality_dilation_rates), timestep_freq_shift=0,
-        )
+        layout, problems = image_path_config(dim, num_attention_heads, num_layers, attention_layout, causal_scan,
+                                             position_encoding, attention_scaling, locality, locality_kernel_size,
+                                             locality_dilation_prob, locality_dilation_rates)
         if objective != "flow":
             problems.append(f"objective {objective!r}: an SD3 is trained with 'flow'")
         if causal_text not in TEXT_VIEWS:
