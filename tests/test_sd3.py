@@ -180,6 +180,11 @@ def test_ledit_changes_match_float64_reference(name, scan, text_view):
     assert rel_err(run(ours, x, kwargs, joint_attention_kwargs={"causal_to_self": True}), as_self) <= 1e-5
     assert rel_err(as_self, want) > 1e-3
     assert rel_err(run(ours, x, kwargs, joint_attention_kwargs={"scaling": "none"}), want) > 1e-4
+    xb, kb = sd3_inputs(32, 28)  # 16 x 14 patches: past the stock table's 12 x 12 cap
+    big = reference_sd3(ours.state_dict(), cfg, xb, kb["encoder_hidden_states"], kb["pooled_projections"],
+                        kb["timestep"], layout=LEDIT_ON["attention_layout"], scan=scan, text_view=text_view,
+                        factor=math.sqrt(math.log(224) / math.log(16)))
+    assert rel_err(run(ours, xb, kb, joint_attention_kwargs={"locality_dilation": 1}), big) <= 1e-5
     other = "text" if text_view == "all" else "all"
     assert rel_err(reference_sd3(*args, layout=LEDIT_ON["attention_layout"], scan=scan, factor=factor,
                                  text_view=other), want) > 1e-4

@@ -197,3 +197,23 @@ def test_sd35_recipe_trains_with_flow_at_512():
 
 def test_evaluate_with_a_prompts_file_scores_ledit_and_stock_sd3(tmp_path, sd3_pipeline):
     evaluate_with_prompts(tmp_path, sd3_pipeline, "sd3", "32,64x32", MAX_LEN)
+
+
+def test_a_pipeline_scheduler_with_resolution_dependent_shift_is_used_as_it_is(tmp_path, sd3_pipeline):
+    """SD3's pipeline computes the shift per image size when its scheduler asks for it; ours passes it through."""
+    import shutil
+
+    from ledit_convert.inference.text_pipeline import make_text_scheduler
+    folder = tmp_path / "pipe"
+    shutil.copytree(sd3_pipeline, folder)
+    FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_image_seq_len=16,
+                                    max_image_seq_len=256).save_pretrained(folder / "scheduler")
+    assert make_text_scheduler("flow", "sd3", str(folder)).config.use_dynamic_shifting
+    images = {}
+    for name, home in (("fixed", sd3_pipeline), ("dynamic", folder)):
+        result = CliRunner().invoke(app, ["sample", str(home), "--prompt", "a cat", "--steps", "3", "--height", "64",
+                                          "--width", "32", "--max-length", str(MAX_LEN), "--device", "cpu",
+                                          "-o", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+        images[name] = np.asarray(Image.open(tmp_path / name / "000000.png")).astype(int)
+    assert np.abs(images["fixed"] - images["dynamic"]).max() > 0  # another shift, another trajectory
