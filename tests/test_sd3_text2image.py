@@ -152,7 +152,7 @@ def test_stock_sd3_samples_within_its_cap_and_the_ledit_past_it(tmp_path, sd3_pi
     assert result.exit_code == 0, result.output
     assert Image.open(tmp_path / "b" / "000000.png").size == (32, 112)
     result = runner.invoke(app, ["sample", str(model), "--scheduler", "dpm", *common, "-o", str(tmp_path / "c")])
-    assert result.exit_code != 0 and "does not sample a sd3 model" in result.output
+    assert result.exit_code != 0 and "does not sample SD3 models" in result.output
 
 
 def test_lora_on_sd3_adapts_attention_and_mlps_and_trains_conv_adaln_and_final_fully(tmp_path, sd3_pipeline):
@@ -185,7 +185,7 @@ def test_objectives_are_refused_where_the_family_does_not_train_with_them(tmp_pa
                                  "--steps", "1", "--batch-size", "2", "--set", "objective=diffusion",
                                  "--set", f"resolution={RES}", "--set", f"vae={sd3_pipeline}",
                                  "--set", f"text_encoder={sd3_pipeline}", "--output-dir", str(tmp_path / "r")])
-    assert result.exit_code != 0 and "a sd3 model fine-tunes with 'flow'" in result.output
+    assert result.exit_code != 0 and "SD3 models fine-tune with 'flow'" in result.output
 
 
 def test_sd35_recipe_trains_with_flow_at_512():

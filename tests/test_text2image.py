@@ -146,7 +146,7 @@ def test_a_text_model_refuses_class_options(tmp_path, pixart_pipeline):
     result = runner.invoke(app, ["sample", str(out), "-o", str(tmp_path / "s")])
     assert result.exit_code != 0 and "pass --prompt or --prompts-file" in result.output
     result = runner.invoke(app, ["sample", str(out), "--prompt", "a cat", "--scheduler", "ddpm", "-o", str(tmp_path / "s")])
-    assert result.exit_code != 0 and "does not sample a pixart model" in result.output
+    assert result.exit_code != 0 and "does not sample PixArt models" in result.output
 
 
 def test_text_encoder_width_must_match_the_model(tmp_path, pixart_pipeline):

@@ -84,8 +84,8 @@ def make_text_scheduler(kind: str, family: str = "pixart", home: Optional[str] =
     one), else SD3's (shift 3)."""
     if kind not in TEXT_SCHEDULERS[family]:
         why = " (PixArt's pipelines drop the learned variance that ddpm reads)" if family == "pixart" else ""
-        raise ConfigError(f"scheduler {kind!r} does not sample a {family} model; use one of "
-                          f"{TEXT_SCHEDULERS[family]}{why}")
+        name = "SD3" if family == "sd3" else "PixArt"
+        raise ConfigError(f"scheduler {kind!r} does not sample {name} models; use one of {TEXT_SCHEDULERS[family]}{why}")
     if family == "pixart":
         return default_scheduler(kind)
     if home is not None and os.path.isfile(os.path.join(home, "scheduler", "scheduler_config.json")):

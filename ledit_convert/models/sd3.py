@@ -177,7 +177,8 @@ class LEDiTSD3Transformer2DModel(LEDiTModelMixin, ModelMixin, ConfigMixin):
         if causal_text not in TEXT_VIEWS:
             problems.append(f"causal_text {causal_text!r} is not one of {TEXT_VIEWS}")
         if any(not 0 <= i < num_layers for i in dual_attention_layers):
-            problems.append(f"dual_attention_layers {list(dual_attention_layers)} name blocks outside 0..{num_layers - 1}")
+            problems.append(f"dual_attention_layers {list(dual_attention_layers)} name blocks outside "
+                            f"0..{num_layers - 1}")
         if problems:
             raise ValueError("invalid LEDiT SD3 config: " + "; ".join(problems))
         self.gradient_checkpointing = False

@@ -31,6 +31,7 @@ FULLY_TRAINED_WITH_LORA = {"dit": ("locality_conv", "adaLN_modulation", "final_l
                            "pixart": ("locality_conv", "adaln_single", "scale_shift_table", "proj_out"),
                            "sd3": ("locality_conv", "norm1.linear", "norm1_context.linear", "norm_out", "proj_out")}
 OBJECTIVES = {"dit": "diffusion", "pixart": "diffusion", "sd3": "flow"}  # what each family is trained with
+FAMILY_NAMES = {"dit": "DiT", "pixart": "PixArt", "sd3": "SD3"}
 
 
 @dataclass
@@ -234,7 +235,8 @@ def _flow_schedule(recipe: Recipe, family: str):
     the family is not trained with is refused."""
     objective = OBJECTIVES[family] if recipe.objective == "auto" else recipe.objective
     if objective != OBJECTIVES[family]:
-        raise ConfigError(f"objective {objective!r}: a {family} model fine-tunes with {OBJECTIVES[family]!r}")
+        raise ConfigError(f"objective {objective!r}: {FAMILY_NAMES[family]} models fine-tune with "
+                          f"{OBJECTIVES[family]!r}")
     if objective != "flow":
         return None
     from .flow import FlowSchedule
