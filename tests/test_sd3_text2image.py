@@ -2,9 +2,6 @@
 caption dropout, prompt sampling past the table's size cap, and the converted folder in diffusers' own SD3 pipeline."""
 import inspect
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -20,11 +17,10 @@ from typer.testing import CliRunner
 from _tiny import save_sd3_text_encoders, tiny_vae
 from test_sd3 import stock
 from test_surgery import BLOCK_LEDIT_CONVERT
-from test_text2image import captioned_folder, evaluate_with_prompts
+from test_text2image import captioned_folder, drop_in_images, evaluate_with_prompts
 from ledit_convert.cli import app
 from ledit_convert.data.latents import CachedLatentsDataset
 from ledit_convert.data.text import load_sd3_text_encoders
-from ledit_convert.inference.sampling import image_seed
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 RES = 32  # pixels: the tiny SD3's sample_size 8 x the tiny VAE's factor 4
@@ -127,14 +123,7 @@ def test_end_to_end_surgery_cache_flow_finetune_sample_at_2x_and_drop_in(tmp_pat
     ours = np.stack([np.asarray(Image.open(samples / f"{i:06d}.png")) for i in range(2)])
     assert ours.shape == (2, 64, 32, 3) and ours.std() > 0
 
-    seeds = ",".join(str(image_seed(7, i)) for i in range(2))
-    env = dict(os.environ, PYTHONPATH="", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    proc = subprocess.run([sys.executable, "-c", DROP_IN, str(tuned), str(sd3_pipeline), seeds,
-                           str(tmp_path / "theirs.npy")],
-                          capture_output=True, text=True, cwd=tmp_path, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "modeling_ledit_sd3" in proc.stdout
-    theirs = np.load(tmp_path / "theirs.npy")
+    theirs = drop_in_images(DROP_IN, tuned, sd3_pipeline, tmp_path, "modeling_ledit_sd3")
     assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1
 
 

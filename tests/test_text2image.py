@@ -181,6 +181,19 @@ DROP_IN = BLOCK_LEDIT_CONVERT + textwrap.dedent("""
 """)
 
 
+def drop_in_images(script: str, model_dir, pipeline_dir, tmp_path, module: str) -> np.ndarray:
+    """The two images `script` draws (seeds (7, 0) and (7, 1), as `sample --seed 7`) in a plain-diffusers process
+    where ledit_convert cannot be imported, checking that the transformer came from the folder's `module`."""
+    from ledit_convert.inference.sampling import image_seed
+    seeds = ",".join(str(image_seed(7, i)) for i in range(2))
+    env = dict(os.environ, PYTHONPATH="", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    proc = subprocess.run([sys.executable, "-c", script, str(model_dir), str(pipeline_dir), seeds,
+                           str(tmp_path / "theirs.npy")], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert module in proc.stdout
+    return np.load(tmp_path / "theirs.npy")
+
+
 def test_end_to_end_surgery_cache_finetune_sample_at_2x_and_drop_in(tmp_path, pixart_pipeline):
     """surgery -> cache (latents + T5 tokens) -> 20 steps -> sample at 2x -> the same images from diffusers'
     PixArt pipeline loading the fine-tuned folder as remote code."""
@@ -219,14 +232,7 @@ def test_end_to_end_surgery_cache_finetune_sample_at_2x_and_drop_in(tmp_path, pi
     assert ours.shape == (2, 64, 32, 3) and ours.std() > 0
     assert (samples / "prompts.txt").read_text().splitlines() == ["a red square on white background", "a blue square"]
 
-    from ledit_convert.inference.sampling import image_seed
-    seeds = ",".join(str(image_seed(7, i)) for i in range(2))
-    env = dict(os.environ, PYTHONPATH="")
-    proc = subprocess.run([sys.executable, "-c", DROP_IN, str(tuned), str(pixart_pipeline), seeds,
-                           str(tmp_path / "theirs.npy")], capture_output=True, text=True, cwd=tmp_path, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "modeling_ledit_pixart" in proc.stdout
-    theirs = np.load(tmp_path / "theirs.npy")
+    theirs = drop_in_images(DROP_IN, tuned, pixart_pipeline, tmp_path, "modeling_ledit_pixart")
     assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1
 
 
