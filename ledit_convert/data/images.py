@@ -177,7 +177,17 @@ def list_images(root: str) -> List[str]:
     return found
 
 
-class ImageFolderDataset(_ImageDataset):
+class _FolderDataset(_ImageDataset):
+    """Image files under `self.root`, named by relative paths in `self._paths`."""
+
+    def _open(self, index: int) -> Image.Image:
+        return Image.open(self._describe(index))
+
+    def _describe(self, index: int) -> str:
+        return os.path.join(self.root, os.fsdecode(self._paths[index]))
+
+
+class ImageFolderDataset(_FolderDataset):
     """ImageNet-layout folder (one subfolder per class) or a flat folder of one class, ADM-cropped."""
 
     def __init__(self, root: Union[str, os.PathLike], resolution: int,
@@ -230,14 +240,8 @@ class ImageFolderDataset(_ImageDataset):
             return {f: index[f] for f in folders}
         return {f: i for i, f in enumerate(folders)}
 
-    def _open(self, index: int) -> Image.Image:
-        return Image.open(self._describe(index))
 
-    def _describe(self, index: int) -> str:
-        return os.path.join(self.root, os.fsdecode(self._paths[index]))
-
-
-class CaptionedImageFolder(_ImageDataset):
+class CaptionedImageFolder(_FolderDataset):
     """Images anywhere under a folder, each with its caption in a sidecar text file of the same name
     (cat.jpg + cat.txt), ADM-cropped."""
 
@@ -258,17 +262,8 @@ class CaptionedImageFolder(_ImageDataset):
         self._paths = np.array([os.fsencode(os.path.relpath(p, self.root)) for p in files])
         self.labels = np.zeros(len(files), dtype=np.int64)  # one class: text models take no class ids
 
-    def __len__(self) -> int:
-        return len(self.captions)
-
     def _item(self, index: int, x: torch.Tensor, skipped: int) -> CaptionSample:
         return CaptionSample(x, self.captions[index], skipped)
-
-    def _open(self, index: int) -> Image.Image:
-        return Image.open(self._describe(index))
-
-    def _describe(self, index: int) -> str:
-        return os.path.join(self.root, os.fsdecode(self._paths[index]))
 
 
 def read_caption(path: str) -> str:

@@ -116,6 +116,8 @@ def cache_latents(dataset, vae, output_dir, batch_size: int = 32, shard_size: in
         raise DataError("a captioned dataset is cached with a text encoder, a class-labelled one without"
                         if captioned else "a text encoder was given, but the dataset has no captions")
     text_id = _text_id(text_encoder)
+    # the empty prompt's fields: caption dropout's tokens, and the fields and shapes every shard stores
+    empty_text = text_encoder.encode([""]) if text_encoder is not None else {}
     n = len(dataset)
     shards, total, skipped, latent_shape = [], 0, 0, None
     for k in range(math.ceil(n / shard_size)):
@@ -127,7 +129,7 @@ def cache_latents(dataset, vae, output_dir, batch_size: int = 32, shard_size: in
         if count is None:
             tensors, skipped_here = _encode_range(dataset, vae, start, stop, batch_size, flip_variants,
                                                   device, dtype, storage_dtype, num_workers, progress, total, n,
-                                                  text_encoder)
+                                                  text_encoder, empty_text)
             count = len(tensors["labels"])
             meta["count"] = str(count)
             _write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
@@ -143,7 +145,7 @@ def cache_latents(dataset, vae, output_dir, batch_size: int = 32, shard_size: in
         raise DataError(f"{output_dir}: no readable images to cache")
     text = None
     if text_encoder is not None:
-        empty = {k: _stored(k, v[0], storage_dtype) for k, v in text_encoder.encode([""]).items()}
+        empty = {k: _stored(k, v[0], storage_dtype) for k, v in empty_text.items()}
         _write_atomic(os.path.join(output_dir, EMPTY_PROMPT_FILE), lambda tmp: save_file(empty, tmp))
         text = {"encoder": text_encoder.source, "width": text_encoder.width, "max_length": text_encoder.max_length,
                 "fields": sorted(empty)}
@@ -168,11 +170,12 @@ def _stored(field: str, value: torch.Tensor, storage_dtype: torch.dtype) -> torc
 
 
 def _encode_range(dataset, vae, start, stop, batch_size, flip_variants, device, dtype, storage_dtype,
-                  num_workers, progress, done_before, n, text_encoder=None):
-    """Encode dataset items [start, stop) into one shard's tensors; returns (tensors, skipped count)."""
+                  num_workers, progress, done_before, n, text_encoder=None, empty_text=None):
+    """Encode dataset items [start, stop) into one shard's tensors; returns (tensors, skipped count). `empty_text`
+    is the text encoder's output for the empty prompt: which text fields to store, and their shapes."""
     loader = torch.utils.data.DataLoader(_Unflipped(dataset, start, stop), batch_size=batch_size,
                                          shuffle=False, num_workers=num_workers)
-    empty_text = text_encoder.encode([""]) if text_encoder is not None else {}  # the fields and their shapes
+    empty_text = empty_text or {}
     names = ("mean", "std", "mean_flip", "std_flip", "labels") + tuple(f"text_{k}" for k in empty_text)
     parts = {k: [] for k in names}
     skipped, done = 0, done_before
@@ -277,11 +280,14 @@ class CachedLatentsDataset(torch.utils.data.Dataset):
             self._handles[shard] = safe_open(self.shard_files[shard], framework="pt")
         return self._handles[shard]
 
+    def _locate(self, index: int):
+        """The open shard holding item `index` and its row there."""
+        shard = int(np.searchsorted(self._starts, index, side="right")) - 1
+        return self._handle(shard), index - int(self._starts[shard])
+
     def posterior(self, index: int, flip: bool = False):
         """(mean, std) of item `index` as float32 (C, h, w) tensors, read from its shard alone."""
-        shard = int(np.searchsorted(self._starts, index, side="right")) - 1
-        row = index - int(self._starts[shard])
-        handle, suffix = self._handle(shard), "_flip" if flip else ""
+        (handle, row), suffix = self._locate(index), "_flip" if flip else ""
         mean = handle.get_slice("mean" + suffix)[row:row + 1][0].float()
         std = handle.get_slice("std" + suffix)[row:row + 1][0].float()
         return mean, std
@@ -293,8 +299,7 @@ class CachedLatentsDataset(torch.utils.data.Dataset):
         latent = (mean + std * torch.randn(mean.shape, generator=generator) - self.shift_factor) * self.scaling_factor
         if self.text is None:
             return Sample(latent, int(self.labels[index]), 0)
-        shard = int(np.searchsorted(self._starts, index, side="right")) - 1
-        row, handle = index - int(self._starts[shard]), self._handle(shard)
+        handle, row = self._locate(index)
         text = {f: _loaded(f, handle.get_slice(f"text_{f}")[row:row + 1][0]) for f in self.text["fields"]}
         return EncodedSample(latent, text, 0)
 
