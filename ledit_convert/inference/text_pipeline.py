@@ -25,6 +25,10 @@ TEXT_DEFAULTS = {"pixart": {"steps": 20, "cfg_scale": 4.5, "scheduler": "dpm", "
                  "sd3": {"steps": 28, "cfg_scale": 7.0, "scheduler": "flow", "max_length": SD3_MAX_LENGTH}}
 
 
+# a token field's pipeline argument (its negative: "negative_" + the same)
+PIPELINE_ARGUMENTS = {"embeds": "prompt_embeds", "mask": "prompt_attention_mask", "pooled": "pooled_prompt_embeds"}
+
+
 class TextToImage:
     """Calls like `LEDiTPipeline` with prompts in place of class labels: `(prompts, generator=, output_type=, height=,
     width=, num_inference_steps=, guidance_scale=)` -> an output with `.images`. An SD3 runs in
@@ -47,6 +51,7 @@ class TextToImage:
             cls = PixArtAlphaPipeline if micro else PixArtSigmaPipeline
             self.pipe = cls(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=scheduler)
         self.encoder, self.negative_prompt = encoder, negative_prompt
+        self._negative = None  # the negative prompt's fields, encoded at the first guided call
 
     @property
     def transformer(self):
@@ -66,13 +71,12 @@ class TextToImage:
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], guidance_scale: float = 4.5, **call):
-        second = "pooled_prompt_embeds" if self.sd3 else "prompt_attention_mask"
-        tokens = self.encoder.encode(list(prompts))
-        args = dict(prompt_embeds=tokens["embeds"], **{second: tokens["pooled" if self.sd3 else "mask"]})
+        args = {PIPELINE_ARGUMENTS[k]: v for k, v in self.encoder.encode(list(prompts)).items()}
         if guidance_scale > 1.0:
-            neg = self.encoder.encode([self.negative_prompt] * len(prompts))
-            args.update(negative_prompt_embeds=neg["embeds"],
-                        **{"negative_" + second: neg["pooled" if self.sd3 else "mask"]})
+            if self._negative is None:
+                self._negative = self.encoder.encode([self.negative_prompt])
+            args.update({"negative_" + PIPELINE_ARGUMENTS[k]: v.expand(len(prompts), *v.shape[1:])
+                         for k, v in self._negative.items()})
         if not self.sd3:
             args.update(negative_prompt=None, use_resolution_binning=False)
         return self.pipe(guidance_scale=guidance_scale, **args, **call)

@@ -7,7 +7,10 @@ from pathlib import Path
 import torch
 
 from ..conversion.checkpoints import LEDIT_CLASS_NAMES
+from ..data.images import CaptionSample, EncodedSample
+from ..data.text import TextCondition, micro_conditions
 from ..errors import ConfigError, DataError
+from .flow import FlowSchedule
 from .recipe import Recipe
 
 # per family: the linears LoRA adapts, and what trains fully beside them (the locality conv, adaLN, the final layer)
@@ -54,7 +57,6 @@ def flow_schedule(recipe: Recipe, family: str):
                           f"{OBJECTIVES[family]!r}")
     if objective != "flow":
         return None
-    from .flow import FlowSchedule
     try:
         return FlowSchedule(shift=recipe.flow_shift, weighting_scheme=recipe.flow_weighting,
                             loss_weighting=recipe.flow_loss_weighting)
@@ -92,8 +94,6 @@ def text_inputs(dataset, recipe: Recipe, cfg, data, device, family: str):
 def condition(run, batch, side: int):
     """A collated batch's condition on the device: class ids (Sample), or a TextCondition from cached tokens
     (EncodedSample) or from captions encoded now (CaptionSample); `side` is the images' size in pixels."""
-    from ..data.images import CaptionSample, EncodedSample
-    from ..data.text import TextCondition, micro_conditions
     device = run.accelerator.device
     if isinstance(batch, EncodedSample):
         tokens = {k: v.to(device, non_blocking=True) for k, v in batch.text.items()}

@@ -8,6 +8,7 @@ from typing import Optional, Union
 import torch
 
 from .diffusion import DiffusionSchedule
+from .flow import flow_loss
 from ..data.text import TextCondition
 
 
@@ -37,8 +38,6 @@ def flow_training_loss(model, schedule, x0: torch.Tensor, cond: TextCondition, g
                        caption_dropout: float, autocast=nullcontext, per_sample: bool = False):
     """Rectified flow (SD3's objective, `flow.flow_loss`) on a batch of clean latents given text tokens; the draws,
     in order: timesteps, noise, caption dropout (to the empty prompt, CFG), all from `generator`."""
-    from .flow import flow_loss
-
     def predict(x_t, t):
         drop = torch.rand(x_t.shape[0], generator=generator, device=x_t.device) < caption_dropout
         with autocast():
