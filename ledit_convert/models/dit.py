@@ -175,6 +175,30 @@ def attend(q, k, v, causal_scan: Optional[str], scale: float, backend: str, mask
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
+def project_heads(attn, x, proj, norm):
+    """(B, L, D) -> (B, heads, L, head_dim) through a diffusers `Attention`'s projection and optional q/k norm."""
+    out = proj(x).view(x.shape[0], -1, attn.heads, attn.inner_dim // attn.heads).transpose(1, 2)
+    return norm(out) if norm is not None else out
+
+
+class ImageSelfAttnProcessor:
+    """Self-attention over image tokens for a diffusers `Attention` (PixArt's attn1, SD3.5's attn2) through
+    `attend`, so causal blocks use the cached scan mask; q/k norms apply when the layer has them; logits are scaled
+    by `logit_factor` (LEDiT's attention scaling). `joint_mask` is the SD3 block's [image; text] mask, which the
+    block hands to each of its attentions; image self-attention has no use for it."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, causal_scan=None,
+                 logit_factor: float = 1.0, backend: str = "sdpa", scan_mask=None, joint_mask=None):
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError("image self-attention takes no encoder states and no attention_mask")
+        q = project_heads(attn, hidden_states, attn.to_q, attn.norm_q)
+        k = project_heads(attn, hidden_states, attn.to_k, attn.norm_k)
+        v = project_heads(attn, hidden_states, attn.to_v, None)
+        out = attend(q, k, v, causal_scan, attn.scale * logit_factor, backend, scan_mask)
+        out = out.transpose(1, 2).reshape(out.shape[0], -1, q.shape[1] * q.shape[-1]).to(q.dtype)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
 def log_scaling_factor(num_tokens: int, train_tokens: int, scaling: str) -> float:
     """sqrt(ln N / ln N_train) for "log" scaling, else 1 (also 1 at the training token count)."""
     if scaling == "none" or train_tokens <= 1 or num_tokens == train_tokens:

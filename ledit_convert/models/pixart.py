@@ -20,7 +20,8 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import AdaLayerNormSingle
 
-from .dit import LEDiTModelMixin, LocalityConv, add_remote_code, attend, image_path_config, unpatchify
+from .dit import (ImageSelfAttnProcessor, LEDiTModelMixin, LocalityConv, add_remote_code, image_path_config,
+                  unpatchify)
 
 REMOTE_CODE_FILE = "modeling_ledit_pixart.py"  # this file, as it is copied beside saved weights
 TEXT_MASK_BIAS = -10000.0  # what diffusers' PixArt adds to the logits of masked text tokens
@@ -29,23 +30,6 @@ TEXT_MASK_BIAS = -10000.0  # what diffusers' PixArt adds to the logits of masked
 def default_interpolation_scale(sample_size: int) -> float:
     """The sin/cos table's interpolation scale a PixArt config leaves unset gets (diffusers' rule)."""
     return max(sample_size // 64, 1)
-
-
-class ImageSelfAttnProcessor:
-    """attn1 of a PixArt block: self-attention over image tokens through dit.py's `attend`, so causal blocks use
-    the cached 2D scan mask; logits are scaled by `logit_factor` (LEDiT's attention scaling)."""
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, causal_scan=None,
-                 logit_factor: float = 1.0, backend: str = "sdpa", scan_mask=None):
-        if encoder_hidden_states is not None or attention_mask is not None:
-            raise ValueError("image self-attention takes no encoder states and no attention_mask")
-        b, n, _ = hidden_states.shape
-        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        head_dim = q.shape[-1] // attn.heads
-        q, k, v = (t.view(b, n, attn.heads, head_dim).transpose(1, 2) for t in (q, k, v))  # (B, heads, N, d)
-        out = attend(q, k, v, causal_scan, attn.scale * logit_factor, backend, scan_mask)
-        out = out.transpose(1, 2).reshape(b, n, attn.heads * head_dim).to(q.dtype)
-        return attn.to_out[1](attn.to_out[0](out))
 
 
 class PixArtBlock(BasicTransformerBlock):

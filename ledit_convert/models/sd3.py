@@ -22,8 +22,8 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import AdaLayerNormContinuous
 
-from .dit import (LEDiTModelMixin, LocalityConv, add_remote_code, attend, attention_mask, causal_visibility,
-                  image_path_config, unpatchify)
+from .dit import (ImageSelfAttnProcessor, LEDiTModelMixin, LocalityConv, add_remote_code, attention_mask,
+                  causal_visibility, image_path_config, project_heads, unpatchify)
 
 REMOTE_CODE_FILE = "modeling_ledit_sd3.py"  # this file, as it is copied beside saved weights
 TEXT_VIEWS = ("all", "text")  # what a text token sees in a causal block: every token, or the text tokens only
@@ -43,12 +43,6 @@ def joint_visibility(scan: str, height: int, width: int, text_tokens: int, text_
     return allowed
 
 
-def _heads(attn, x, proj, norm):
-    """(B, L, D) -> (B, heads, L, head_dim) through a projection and an optional q/k norm."""
-    out = proj(x).view(x.shape[0], -1, attn.heads, attn.inner_dim // attn.heads).transpose(1, 2)
-    return norm(out) if norm is not None else out
-
-
 class JointAttnProcessor:
     """attn of an SD3 block: attention over [image; text] tokens (diffusers' JointAttnProcessor2_0's math) with an
     optional joint visibility mask (causal blocks) and logits scaled by `logit_factor`."""
@@ -58,12 +52,12 @@ class JointAttnProcessor:
         if attention_mask is not None or encoder_hidden_states is None:
             raise ValueError("joint attention takes text tokens and no attention_mask")
         n = hidden_states.shape[1]
-        q = _heads(attn, hidden_states, attn.to_q, attn.norm_q)
-        k = _heads(attn, hidden_states, attn.to_k, attn.norm_k)
-        v = _heads(attn, hidden_states, attn.to_v, None)
-        q = torch.cat([q, _heads(attn, encoder_hidden_states, attn.add_q_proj, attn.norm_added_q)], dim=2)
-        k = torch.cat([k, _heads(attn, encoder_hidden_states, attn.add_k_proj, attn.norm_added_k)], dim=2)
-        v = torch.cat([v, _heads(attn, encoder_hidden_states, attn.add_v_proj, None)], dim=2)
+        q = project_heads(attn, hidden_states, attn.to_q, attn.norm_q)
+        k = project_heads(attn, hidden_states, attn.to_k, attn.norm_k)
+        v = project_heads(attn, hidden_states, attn.to_v, None)
+        q = torch.cat([q, project_heads(attn, encoder_hidden_states, attn.add_q_proj, attn.norm_added_q)], dim=2)
+        k = torch.cat([k, project_heads(attn, encoder_hidden_states, attn.add_k_proj, attn.norm_added_k)], dim=2)
+        v = torch.cat([v, project_heads(attn, encoder_hidden_states, attn.add_v_proj, None)], dim=2)
         scale = attn.scale * logit_factor
         if backend == "math":  # the textbook formula, for tests
             logits = (q @ k.transpose(-2, -1)) * scale
@@ -80,22 +74,6 @@ class JointAttnProcessor:
         return attn.to_out[1](attn.to_out[0](image)), text
 
 
-class ImageAttnProcessor:
-    """attn2 of an SD3.5 dual-attention block: self-attention over the image tokens through dit.py's `attend`, so
-    a causal block masks it with the same scan."""
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, joint_mask=None,
-                 scan_mask=None, causal_scan=None, logit_factor: float = 1.0, backend: str = "sdpa"):
-        if encoder_hidden_states is not None or attention_mask is not None:
-            raise ValueError("image self-attention takes no encoder states and no attention_mask")
-        q = _heads(attn, hidden_states, attn.to_q, attn.norm_q)
-        k = _heads(attn, hidden_states, attn.to_k, attn.norm_k)
-        v = _heads(attn, hidden_states, attn.to_v, None)
-        out = attend(q, k, v, causal_scan, attn.scale * logit_factor, backend, scan_mask)
-        out = out.transpose(1, 2).reshape(out.shape[0], -1, q.shape[1] * q.shape[-1]).to(q.dtype)
-        return attn.to_out[1](attn.to_out[0](out))
-
-
 class SD3Block(JointTransformerBlock):
     """diffusers' joint block (its weights and forward unchanged) with our processors; `causal` marks the blocks
     whose image tokens are scan-masked."""
@@ -105,7 +83,7 @@ class SD3Block(JointTransformerBlock):
         self.causal = causal
         self.attn.set_processor(JointAttnProcessor())
         if self.attn2 is not None:
-            self.attn2.set_processor(ImageAttnProcessor())
+            self.attn2.set_processor(ImageSelfAttnProcessor())  # SD3.5: masked with the same scan
 
 
 class LEDiTSD3Transformer2DModel(LEDiTModelMixin, ModelMixin, ConfigMixin):
