@@ -26,7 +26,6 @@ from .text_pipeline import (FAMILY_OF_KIND, TEXT_DEFAULTS, load_text_pipeline, m
 logger = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"  # the VAE DiT was trained with
-TEXT_KINDS = ("pixart", "pixart_diffusers", "sd3", "sd3_diffusers")
 GRID_MAX_IMAGES = 64  # a grid is a preview: 50K-sample runs must not build a gigapixel PNG
 
 
@@ -35,8 +34,8 @@ class ModelSource:
     """Where a transformer lives and what it is: a folder read from JSON only, or a DiT checkpoint file read."""
 
     path: str  # what the user named
-    kind: str  # "ledit" (our LEDiTTransformer2DModel), "dit" (diffusers DiTTransformer2DModel), "pixart" (our
-    # LEDiTPixArtTransformer2DModel) or "pixart_diffusers" (diffusers PixArtTransformer2DModel)
+    kind: str  # "ledit" (our LEDiTTransformer2DModel), "dit" (diffusers DiTTransformer2DModel), or a text-to-image
+    # kind of text_pipeline.FAMILY_OF_KIND: "pixart", "sd3" (ours) and "pixart_diffusers", "sd3_diffusers" (stock)
     transformer_dir: Optional[str]  # None for a checkpoint file
     pipeline_dir: Optional[str]  # the folder holding model_index.json, if any
     config: dict
@@ -45,7 +44,7 @@ class ModelSource:
     @property
     def text(self) -> bool:
         """A text-to-image model (sampled from prompts)."""
-        return self.kind in TEXT_KINDS
+        return self.kind in FAMILY_OF_KIND
 
     @property
     def num_classes(self) -> int:
