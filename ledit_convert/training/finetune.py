@@ -49,8 +49,8 @@ class Run:
     decoder: Optional[torch.nn.Module] = None  # the VAE validation decodes with when training on latents
     compile_pending: bool = False  # blocks compiled, first step not yet run (where compile errors surface)
     evaluator: Optional[object] = None  # periodic.PeriodicEvaluator (every process) when eval_every > 0
-    family: str = "dit"  # "dit" (class ids) or "pixart" (text)
-    text_encoder: Optional[object] = None  # text.TextEncoder: encodes captions of uncached data, validation prompts
+    family: str = "dit"  # "dit" (class ids), "pixart" or "sd3" (text)
+    text_encoder: Optional[object] = None  # data.text encoder(s): captions of uncached data, validation prompts
     null_text: Optional[Dict] = None  # the empty prompt's token fields on the device, for caption dropout
     flow: Optional[object] = None  # flow.FlowSchedule when the objective is rectified flow (SD3)
 
