@@ -8,6 +8,7 @@
 #   DiT: https://github.com/facebookresearch/DiT/blob/main/models.py (layout and numerics)
 #   LEDiT: causal attention, no positional encoding, locality conv, attention scaling.
 import functools
+import inspect
 import json
 import math
 import os
@@ -21,6 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.attention import AttentionMixin
+from diffusers.models.attention_processor import Attention as DiffusersAttention
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 
@@ -32,6 +35,14 @@ POSITION_MODES = ("extrapolate", "interpolate")
 ATTENTION_SCALINGS = ("log", "none")
 LOCALITY_KINDS = ("none", "full", "depthwise")
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "math")
+# diffusers' attention backend names whose kernels take an arbitrary attention mask, and the backend of ours each
+# runs as (SDPA picks its own masked kernel: a pinned efficient or cuDNN kernel is not honoured). diffusers' other
+# names (flash, sage, xformers, NPU, XLA kernels) take no mask and are refused.
+DIFFUSERS_BACKENDS = {"native": "sdpa", "_native_efficient": "sdpa", "_native_cudnn": "sdpa", "_native_math": "math",
+                      "flex": "flex"}
+# what our attention processors take besides diffusers' arguments: the causal scan and its cached mask, the logit
+# factor of attention scaling and the concrete backend
+LEDIT_ATTENTION_ARGS = ("causal_scan", "scan_mask", "logit_factor", "backend")
 REMOTE_CODE_FILE = "modeling_ledit.py"  # this file, as it is copied beside saved weights
 
 
@@ -110,6 +121,12 @@ def causal_visibility(scan: str, height: int, width: int, device=None) -> torch.
     return _visible(scan, idx[:, None], idx[None, :], width)
 
 
+def cached(function, *args):
+    """`function(*args)` through its lru_cache in eager code; traced afresh inside torch.compile, where a cache lookup
+    is host code that would break the graph (and the traced tensor ops are computed once per compiled call)."""
+    return function.__wrapped__(*args) if torch.compiler.is_compiling() else function(*args)
+
+
 @functools.lru_cache(maxsize=64)
 def _cached_dense_mask(scan: str, height: int, width: int, device: str) -> torch.Tensor:
     return causal_visibility(scan, height, width, device=torch.device(device))
@@ -149,8 +166,8 @@ def attention_mask(causal_scan: Optional[str], grid: tuple, device, backend: str
     if causal_scan is None or (backend == "sdpa" and causal_scan == "one_dimension"):
         return None
     if backend == "flex":
-        return _cached_block_mask(causal_scan, grid[0], grid[1], str(device))
-    return _cached_dense_mask(causal_scan, grid[0], grid[1], str(device))
+        return cached(_cached_block_mask, causal_scan, grid[0], grid[1], str(device))
+    return cached(_cached_dense_mask, causal_scan, grid[0], grid[1], str(device))
 
 
 def attend(q, k, v, causal_scan: Optional[str], scale: float, backend: str, mask):
@@ -175,10 +192,42 @@ def attend(q, k, v, causal_scan: Optional[str], scale: float, backend: str, mask
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-def project_heads(attn, x, proj, norm):
-    """(B, L, D) -> (B, heads, L, head_dim) through a diffusers `Attention`'s projection and optional q/k norm."""
-    out = proj(x).view(x.shape[0], -1, attn.heads, attn.inner_dim // attn.heads).transpose(1, 2)
-    return norm(out) if norm is not None else out
+def project_qkv(attn, x, added: bool = False):
+    """q, k, v of tokens `x` (B, L, D), each (B, heads, L, head_dim), through a diffusers `Attention`'s image
+    projections (with `added`, its text ones), one fused matmul after `fuse_projections`, and its q/k norms."""
+    if added:
+        fused, projections = "to_added_qkv", (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+        norms = (attn.norm_added_q, attn.norm_added_k, None)
+    else:
+        fused, projections, norms = "to_qkv", (attn.to_q, attn.to_k, attn.to_v), (attn.norm_q, attn.norm_k, None)
+    if attn.fused_projections:
+        states = getattr(attn, fused)(x).chunk(3, dim=-1)
+    else:
+        states = [projection(x) for projection in projections]
+    heads = []
+    for state, norm in zip(states, norms):
+        state = state.view(x.shape[0], -1, attn.heads, attn.inner_dim // attn.heads).transpose(1, 2)
+        heads.append(norm(state) if norm is not None else state)
+    return heads
+
+
+def takes_ledit_args(processor) -> bool:
+    """Whether an attention processor takes LEDiT's scan mask and logit factor (ours do, diffusers' own do not)."""
+    parameters = inspect.signature(processor.__call__).parameters
+    return all(name in parameters for name in LEDIT_ATTENTION_ARGS)
+
+
+def ledit_attention_kwargs(attentions, **kwargs) -> Dict[str, Any]:
+    """`kwargs` (LEDiT's attention arguments) for a block's diffusers `Attention` layers when their processors take
+    them, nothing when they do not and the call needs neither a mask nor scaled logits; an error naming the
+    processor when they do not and the call needs them, so a processor set by a user never drops either silently."""
+    if all(takes_ledit_args(attn.processor) for attn in attentions):
+        return kwargs
+    if kwargs.get("causal_scan") is None and kwargs.get("logit_factor", 1.0) == 1.0:
+        return {}
+    foreign = next(type(attn.processor).__name__ for attn in attentions if not takes_ledit_args(attn.processor))
+    raise ValueError(f"attention processor {foreign} cannot take LEDiT's causal mask and attention scaling, which "
+                     "this call needs; model.set_default_attn_processor() restores the model's own")
 
 
 class ImageSelfAttnProcessor:
@@ -191,9 +240,7 @@ class ImageSelfAttnProcessor:
                  logit_factor: float = 1.0, backend: str = "sdpa", scan_mask=None, joint_mask=None):
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError("image self-attention takes no encoder states and no attention_mask")
-        q = project_heads(attn, hidden_states, attn.to_q, attn.norm_q)
-        k = project_heads(attn, hidden_states, attn.to_k, attn.norm_k)
-        v = project_heads(attn, hidden_states, attn.to_v, None)
+        q, k, v = project_qkv(attn, hidden_states)
         out = attend(q, k, v, causal_scan, attn.scale * logit_factor, backend, scan_mask)
         out = out.transpose(1, 2).reshape(out.shape[0], -1, q.shape[1] * q.shape[-1]).to(q.dtype)
         return attn.to_out[1](attn.to_out[0](out))
@@ -240,9 +287,10 @@ class TimestepEmbedder(nn.Module):
         args = t[:, None].float() * freqs[None]
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
-    def forward(self, t):
-        features = self.timestep_features(t).to(self.mlp[0].weight.dtype)
-        return self.mlp(features)
+    def forward(self, t, dtype: torch.dtype):
+        """The embedding of timesteps `t` (N,), computed in `dtype` (the hidden states' dtype, which is the compute
+        dtype also when the weights are stored in another one)."""
+        return self.mlp(self.timestep_features(t).to(dtype))
 
 
 class LabelEmbedder(nn.Module):
@@ -312,15 +360,23 @@ class DiTBlock(nn.Module):
         return x
 
 
+class DilatedConv2d(nn.Conv2d):
+    """A stride-1 conv whose dilation (and the zero padding that keeps the grid) is chosen per call. Called as a
+    module, so hooks on it (diffusers' layerwise casting, offloading) see every use of its weights."""
+
+    def forward(self, x, dilation: int = 1):
+        pad = dilation * (self.kernel_size[0] - 1) // 2  # zero padding: borders leak position on purpose
+        return F.conv2d(x, self.weight, self.bias, padding=pad, dilation=dilation, groups=self.groups)
+
+
 class LocalityConv(nn.Module):
     """Residual k x k convolution on the token grid right after patchify (LEDiT's locality enhancement)."""
 
     def __init__(self, dim: int, kernel_size: int, depthwise: bool, dilation_prob: float,
                  dilation_rates: List[int], post_norm: bool):
         super().__init__()
-        self.conv = nn.Conv2d(dim, dim, kernel_size, groups=dim if depthwise else 1, bias=True)
+        self.conv = DilatedConv2d(dim, dim, kernel_size, groups=dim if depthwise else 1, bias=True)
         self.norm = nn.LayerNorm(dim, eps=1e-6) if post_norm else None
-        self.kernel_size = kernel_size
         self.dilation_prob = dilation_prob
         self.dilation_rates = list(dilation_rates)
 
@@ -337,9 +393,7 @@ class LocalityConv(nn.Module):
         dilation = self.sample_dilation() if dilation is None else dilation
         b, n, d = x.shape
         image = x.transpose(1, 2).reshape(b, d, height, width)  # (B, D, h, w)
-        pad = dilation * (self.kernel_size - 1) // 2  # zero padding: borders leak position on purpose
-        local = F.conv2d(image, self.conv.weight, self.conv.bias, padding=pad, dilation=dilation,
-                         groups=self.conv.groups)
+        local = self.conv(image, dilation)
         x = x + local.flatten(2).transpose(1, 2)
         return self.norm(x) if self.norm is not None else x
 
@@ -387,10 +441,36 @@ class LEDiTModelMixin:
         self.write_remote_code(save_directory)
 
     def set_attention_backend(self, backend: str):
-        """Choose how attention is computed: "auto", "sdpa", "flex" (CUDA) or "math" (reference)."""
-        if backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"unknown attention backend {backend!r}; expected one of {ATTENTION_BACKENDS}")
-        self.attention_backend = backend
+        """Choose how attention is computed: ours, "auto", "sdpa", "flex" (compiled FlexAttention, for CUDA) or
+        "math" (the textbook formula), or a diffusers backend name whose kernel takes a mask (DIFFUSERS_BACKENDS:
+        "native" is "sdpa", "_native_math" is "math"); diffusers' mask-less kernels (flash, sage, xformers) are
+        refused, since a causal block's scan is a mask."""
+        name = str(getattr(backend, "value", backend)).lower()  # a name or diffusers' AttentionBackendName
+        if name in ATTENTION_BACKENDS:
+            self.attention_backend = name
+            return
+        if name in DIFFUSERS_BACKENDS:
+            self.attention_backend = DIFFUSERS_BACKENDS[name]
+            return
+        from diffusers.models.attention_dispatch import AttentionBackendName
+        if name in {member.value for member in AttentionBackendName}:
+            raise ValueError(f"attention backend {backend!r} takes no attention mask, which LEDiT's causal blocks "
+                             f"need; use one of {sorted(DIFFUSERS_BACKENDS)} or {ATTENTION_BACKENDS}")
+        raise ValueError(f"unknown attention backend {backend!r}; expected one of {ATTENTION_BACKENDS} or "
+                         f"{sorted(DIFFUSERS_BACKENDS)}")
+
+    def reset_attention_backend(self) -> None:
+        """Back to the default backend, "auto"."""
+        self.attention_backend = "auto"
+
+    def cached_position_table(self, key, build) -> torch.Tensor:
+        """A position table from the model's cache, built by `build()` on a miss; under torch.compile built in the
+        graph, since a cache the graph reads and fills would be guarded on and recompile the next call."""
+        if torch.compiler.is_compiling():
+            return build()
+        if key not in self._position_cache:
+            self._position_cache[key] = build()
+        return self._position_cache[key]
 
     def logit_factor(self, num_tokens: int, scaling: str) -> float:
         """sqrt(ln N / ln N_train) for "log" scaling, else 1."""
@@ -405,6 +485,34 @@ class LEDiTModelMixin:
         if dilation is None:
             dilation = self.locality_conv.sample_dilation() if self.locality_conv is not None else 1
         return backend, mask, dilation
+
+
+class LEDiTAttentionMixin(AttentionMixin):
+    """diffusers' attention-processor API (`attn_processors`, `set_attn_processor`, QKV fusion) for the models built
+    on diffusers `Attention` layers (PixArt, SD3). A processor that cannot take LEDiT's mask and scaling is refused
+    by the first call that needs them (`ledit_attention_kwargs`); fusion keeps our processors, which read the fused
+    weights themselves."""
+
+    def set_default_attn_processor(self) -> None:
+        """The model's own processors on every block again."""
+        for block in self.transformer_blocks:
+            block.set_default_processors()
+
+    def fuse_qkv_projections(self) -> None:
+        """One q/k/v matmul (and one for SD3's text q/k/v) in every attention layer running one of our processors;
+        other layers (PixArt's cross-attention, a processor set by the user) stay as they are."""
+        for module in self.modules():
+            if isinstance(module, DiffusersAttention) and takes_ledit_args(module.processor):
+                module.fuse_projections(fuse=True)
+
+    def unfuse_qkv_projections(self) -> None:
+        """Undo `fuse_qkv_projections`: the fused weights are dropped, the separate ones were never touched."""
+        for module in self.modules():
+            if isinstance(module, DiffusersAttention) and module.fused_projections:
+                for name in ("to_qkv", "to_kv", "to_added_qkv"):
+                    if hasattr(module, name):
+                        delattr(module, name)
+                module.fused_projections = False
 
 
 class LEDiTTransformer2DModel(LEDiTModelMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
@@ -448,6 +556,9 @@ class LEDiTTransformer2DModel(LEDiTModelMixin, ModelMixin, ConfigMixin, PeftAdap
     _supports_gradient_checkpointing = True
     _no_split_modules = ["DiTBlock"]
     _repeated_blocks = ["DiTBlock"]  # model.compile_repeated_blocks() compiles these (regional compilation)
+    # kept in the compute dtype under enable_layerwise_casting, as diffusers' DiT keeps its patchify, embedders,
+    # adaLN and norms: conditioning and modulation are precision-critical
+    _skip_layerwise_casting_patterns = ["x_embedder", "t_embedder", "y_embedder", "adaLN_modulation", "norm"]
 
     @register_to_config
     def __init__(
@@ -535,19 +646,17 @@ class LEDiTTransformer2DModel(LEDiTModelMixin, ModelMixin, ConfigMixin, PeftAdap
             nn.init.zeros_(self.locality_conv.conv.bias)
 
     def position_table(self, height: int, width: int, mode: str, device, dtype) -> torch.Tensor:
-        """The sin/cos table for an h x w token grid, cached per grid, mode, device and dtype."""
-        key = (height, width, mode, str(device), dtype)
-        if key not in self._position_cache:
+        """The sin/cos table for an h x w token grid, cached per grid, mode, device and dtype (computed in the graph
+        under torch.compile)."""
+        def build():
             base = self.config.sample_size // self.config.patch_size
             table = sincos_position_table(self.config.hidden_size, height, width, base, base, mode)
-            self._position_cache[key] = table.to(dtype=torch.float32).to(device=device, dtype=dtype)[None]
-        return self._position_cache[key]
+            return table.to(dtype=torch.float32).to(device=device, dtype=dtype)[None]
+        return self.cached_position_table((height, width, mode, str(device), dtype), build)
 
-    @torch.compiler.disable
-    def _eager_inputs(self, grid, device, dtype, position_mode, to_self, dilation=None):
-        """Cached lookups and this call's random draw, kept out of compiled graphs: the position table (or None),
-        the causal blocks' concrete attention backend and mask, and the locality conv's dilation (drawn unless
-        the caller fixed it)."""
+    def _call_inputs(self, grid, device, dtype, position_mode, to_self, dilation=None):
+        """Cached lookups and this call's random draw: the position table (or None), the causal blocks' concrete
+        attention backend and mask, and the locality conv's dilation (drawn unless the caller fixed it)."""
         table = None
         if self.config.position_encoding == "sincos":
             table = self.position_table(grid[0], grid[1], position_mode or self.config.position_mode, device, dtype)
@@ -582,7 +691,7 @@ class LEDiTTransformer2DModel(LEDiTModelMixin, ModelMixin, ConfigMixin, PeftAdap
         grid = (hidden_states.shape[-2] // p, hidden_states.shape[-1] // p)
         to_self = bool(opts.get("causal_to_self", False))
         x = self.x_embedder(hidden_states)  # (B, N, D)
-        table, backend, mask, dilation = self._eager_inputs(grid, x.device, x.dtype, opts.get("position_mode"),
+        table, backend, mask, dilation = self._call_inputs(grid, x.device, x.dtype, opts.get("position_mode"),
                                                             to_self, opts.get("locality_dilation"))
         if table is not None:
             x = x + table
@@ -595,7 +704,7 @@ class LEDiTTransformer2DModel(LEDiTModelMixin, ModelMixin, ConfigMixin, PeftAdap
             timestep = torch.tensor([timestep], device=x.device)
         timestep = timestep.to(x.device).reshape(-1).expand(b) if timestep.numel() == 1 else timestep.to(x.device)
         class_labels = torch.as_tensor(class_labels, device=x.device).reshape(-1).expand(b)
-        c = self.t_embedder(timestep).to(x.dtype) + self.y_embedder(class_labels)  # (B, D)
+        c = self.t_embedder(timestep, x.dtype) + self.y_embedder(class_labels)  # (B, D)
 
         # 3. Blocks: causal ones get the cached mask, self-attention ones plain SDPA
         factor = self.logit_factor(grid[0] * grid[1], opts.get("scaling", self.config.attention_scaling))

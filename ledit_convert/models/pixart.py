@@ -14,14 +14,16 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn as nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.models.embeddings import PatchEmbed, PixArtAlphaTextProjection, get_2d_sincos_pos_embed
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import AdaLayerNormSingle
 
-from .dit import (ImageSelfAttnProcessor, LEDiTModelMixin, LocalityConv, add_remote_code, image_path_config,
-                  unpatchify)
+from .dit import (ImageSelfAttnProcessor, LEDiTAttentionMixin, LEDiTModelMixin, LocalityConv, add_remote_code,
+                  image_path_config, ledit_attention_kwargs, unpatchify)
 
 REMOTE_CODE_FILE = "modeling_ledit_pixart.py"  # this file, as it is copied beside saved weights
 TEXT_MASK_BIAS = -10000.0  # what diffusers' PixArt adds to the logits of masked text tokens
@@ -39,21 +41,27 @@ class PixArtBlock(BasicTransformerBlock):
     def __init__(self, *args, causal: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.causal = causal
+        self.set_default_processors()
+
+    def set_default_processors(self) -> None:
+        """Ours on the image self-attention (scan mask, scaling), diffusers' SDPA one on the cross-attention."""
         self.attn1.set_processor(ImageSelfAttnProcessor())
+        self.attn2.set_processor(AttnProcessor2_0())
 
     def forward(self, x, time_mod, text, text_bias, causal_scan, logit_factor: float, backend: str, mask):
         b = x.shape[0]
         mods = self.scale_shift_table[None] + time_mod.reshape(b, 6, -1)  # (B, 6, D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods.chunk(6, dim=1)  # each (B, 1, D)
         h = self.norm1(x) * (1 + scale_msa) + shift_msa
-        h = self.attn1(h, causal_scan=causal_scan, logit_factor=logit_factor, backend=backend, scan_mask=mask)
+        h = self.attn1(h, **ledit_attention_kwargs([self.attn1], causal_scan=causal_scan, logit_factor=logit_factor,
+                                                   backend=backend, scan_mask=mask))
         x = gate_msa * h + x
         x = self.attn2(x, encoder_hidden_states=text, attention_mask=text_bias) + x  # PixArt: no norm before it
         h = self.norm2(x) * (1 + scale_mlp) + shift_mlp
         return gate_mlp * self.ff(h) + x
 
 
-class LEDiTPixArtTransformer2DModel(LEDiTModelMixin, ModelMixin, ConfigMixin):
+class LEDiTPixArtTransformer2DModel(LEDiTModelMixin, LEDiTAttentionMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
     r"""
     PixArt-alpha/Sigma in PixArt mode (sin/cos positions, self-attention: diffusers' `PixArtTransformer2DModel`
     exactly, with its state-dict keys) or LEDiT mode (no positional encoding, causal blocks, locality conv). Any
@@ -175,18 +183,16 @@ class LEDiTPixArtTransformer2DModel(LEDiTModelMixin, ModelMixin, ConfigMixin):
 
     def position_table(self, height: int, width: int, device) -> torch.Tensor:
         """diffusers' PixArt sin/cos table for an h x w grid (float32, (1, N, D)), cached per grid and device."""
-        key = (height, width, str(device))
-        if key not in self._position_cache:
+        def build():
             table = get_2d_sincos_pos_embed(self.pos_embed.proj.out_channels, (height, width),
                                             base_size=self.config.sample_size // self.config.patch_size,
                                             interpolation_scale=self.interpolation_scale, output_type="pt")
-            self._position_cache[key] = table.float()[None].to(device)
-        return self._position_cache[key]
+            return table.float()[None].to(device)
+        return self.cached_position_table((height, width, str(device)), build)
 
-    @torch.compiler.disable
-    def _eager_inputs(self, grid, device, to_self: bool, dilation=None):
-        """Cached lookups and this call's random draw, kept out of compiled graphs: the position table (or None),
-        the causal blocks' concrete attention backend and mask, and the locality conv's dilation."""
+    def _call_inputs(self, grid, device, to_self: bool, dilation=None):
+        """Cached lookups and this call's random draw: the position table (or None), the causal blocks' concrete
+        attention backend and mask, and the locality conv's dilation."""
         table = self.position_table(grid[0], grid[1], device) if self.config.position_encoding == "sincos" else None
         backend, mask, dilation = self._causal_inputs(grid, device, to_self,
                                                       any(b.causal for b in self.transformer_blocks), dilation)
@@ -232,8 +238,8 @@ class LEDiTPixArtTransformer2DModel(LEDiTModelMixin, ModelMixin, ConfigMixin):
         b = hidden_states.shape[0]
         grid = (hidden_states.shape[-2] // p, hidden_states.shape[-1] // p)
         to_self = bool(opts.get("causal_to_self", False))
-        x = self.pos_embed(hidden_states)  # (B, N, D)
-        table, backend, mask, dilation = self._eager_inputs(grid, x.device, to_self, opts.get("locality_dilation"))
+        x = self.pos_embed(hidden_states).contiguous()  # (B, N, D); every block then sees one stride layout
+        table, backend, mask, dilation = self._call_inputs(grid, x.device, to_self, opts.get("locality_dilation"))
         if table is not None:
             x = (x + table).to(x.dtype)
         if self.locality_conv is not None:

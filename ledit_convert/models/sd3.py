@@ -16,14 +16,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import JointTransformerBlock
 from diffusers.models.embeddings import CombinedTimestepTextProjEmbeddings, PatchEmbed
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import AdaLayerNormContinuous
+from diffusers.utils import apply_lora_scale
 
-from .dit import (ImageSelfAttnProcessor, LEDiTModelMixin, LocalityConv, add_remote_code, attention_mask,
-                  causal_visibility, image_path_config, project_heads, unpatchify)
+from .dit import (ImageSelfAttnProcessor, LEDiTAttentionMixin, LEDiTModelMixin, LocalityConv, add_remote_code,
+                  attention_mask, cached, causal_visibility, image_path_config, ledit_attention_kwargs, project_qkv, unpatchify)
 
 REMOTE_CODE_FILE = "modeling_ledit_sd3.py"  # this file, as it is copied beside saved weights
 TEXT_VIEWS = ("all", "text")  # what a text token sees in a causal block: every token, or the text tokens only
@@ -52,12 +54,9 @@ class JointAttnProcessor:
         if attention_mask is not None or encoder_hidden_states is None:
             raise ValueError("joint attention takes text tokens and no attention_mask")
         n = hidden_states.shape[1]
-        q = project_heads(attn, hidden_states, attn.to_q, attn.norm_q)
-        k = project_heads(attn, hidden_states, attn.to_k, attn.norm_k)
-        v = project_heads(attn, hidden_states, attn.to_v, None)
-        q = torch.cat([q, project_heads(attn, encoder_hidden_states, attn.add_q_proj, attn.norm_added_q)], dim=2)
-        k = torch.cat([k, project_heads(attn, encoder_hidden_states, attn.add_k_proj, attn.norm_added_k)], dim=2)
-        v = torch.cat([v, project_heads(attn, encoder_hidden_states, attn.add_v_proj, None)], dim=2)
+        image_qkv = project_qkv(attn, hidden_states)
+        text_qkv = project_qkv(attn, encoder_hidden_states, added=True)
+        q, k, v = (torch.cat(pair, dim=2) for pair in zip(image_qkv, text_qkv))  # (B, heads, N + T, head_dim)
         scale = attn.scale * logit_factor
         if backend == "math":  # the textbook formula, for tests
             logits = (q @ k.transpose(-2, -1)) * scale
@@ -81,12 +80,20 @@ class SD3Block(JointTransformerBlock):
     def __init__(self, *args, causal: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.causal = causal
+        self.set_default_processors()
+
+    def set_default_processors(self) -> None:
+        """Ours on the joint attention and on SD3.5's image attention (masked with the same scan)."""
         self.attn.set_processor(JointAttnProcessor())
         if self.attn2 is not None:
-            self.attn2.set_processor(ImageSelfAttnProcessor())  # SD3.5: masked with the same scan
+            self.attn2.set_processor(ImageSelfAttnProcessor())
+
+    def attentions(self) -> List[nn.Module]:
+        """The block's attention layers that take LEDiT's arguments."""
+        return [self.attn] if self.attn2 is None else [self.attn, self.attn2]
 
 
-class LEDiTSD3Transformer2DModel(LEDiTModelMixin, ModelMixin, ConfigMixin):
+class LEDiTSD3Transformer2DModel(LEDiTModelMixin, LEDiTAttentionMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
     r"""
     SD3 / SD3.5 in stock mode (its stored sin/cos table cropped from `pos_embed_max_size`: diffusers'
     `SD3Transformer2DModel` exactly, with its state-dict keys) or LEDiT mode (no table, so no size cap; causal
@@ -196,20 +203,20 @@ class LEDiTSD3Transformer2DModel(LEDiTModelMixin, ModelMixin, ConfigMixin):
         """This model's code (and dit.py, which it imports) and its auto_map entry in a saved folder."""
         add_remote_code(folder, "LEDiTSD3Transformer2DModel", __file__, REMOTE_CODE_FILE)
 
-    @torch.compiler.disable
-    def _eager_inputs(self, grid, text_tokens: int, device, to_self: bool, dilation=None):
-        """Cached masks and this call's random draw, kept out of compiled graphs: the image-only attention's backend
-        and mask, the joint [image; text] mask (None without causal blocks), and the locality conv's dilation."""
+    def _call_inputs(self, grid, text_tokens: int, device, to_self: bool, dilation=None):
+        """Cached masks and this call's random draw: the image-only attention's backend and mask, the joint
+        [image; text] mask (None without causal blocks), and the locality conv's dilation."""
         any_causal = any(b.causal for b in self.transformer_blocks) and not to_self
         backend, mask, dilation = self._causal_inputs(grid, device, to_self, any_causal, dilation)
         if backend == "flex":  # the joint mask is dense: attn2 follows it onto SDPA with the dense scan mask
             backend, mask = "sdpa", attention_mask(self.config.causal_scan, grid, device, "sdpa")
         joint = None
         if any_causal:
-            joint = joint_visibility(self.config.causal_scan, grid[0], grid[1], text_tokens, self.config.causal_text,
-                                     str(device))
+            joint = cached(joint_visibility, self.config.causal_scan, grid[0], grid[1], text_tokens,
+                           self.config.causal_text, str(device))
         return backend, mask, joint, dilation
 
+    @apply_lora_scale("joint_attention_kwargs")  # takes "scale" (the LoRA scale) out of joint_attention_kwargs
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -228,8 +235,8 @@ class LEDiTSD3Transformer2DModel(LEDiTModelMixin, ModelMixin, ConfigMixin):
         blocks, as skip-layer guidance does).
 
         `joint_attention_kwargs` may hold "scaling" ("log"/"none", overrides the config), "causal_to_self" (True
-        runs causal blocks as self-attention) and "locality_dilation" (an int: the conv's dilation for this call
-        instead of the training-time draw)."""
+        runs causal blocks as self-attention), "locality_dilation" (an int: the conv's dilation for this call
+        instead of the training-time draw) and "scale" (the scale of loaded LoRA adapters, as in diffusers)."""
         # 1. Input: checks, patchify (+ table in stock mode), locality
         if block_controlnet_hidden_states is not None:
             raise ValueError("ControlNet residuals are not supported by the LEDiT SD3 transformer")
@@ -243,7 +250,7 @@ class LEDiTSD3Transformer2DModel(LEDiTModelMixin, ModelMixin, ConfigMixin):
         grid = (hidden_states.shape[-2] // p, hidden_states.shape[-1] // p)
         to_self = bool(opts.get("causal_to_self", False))
         x = self.pos_embed(hidden_states).contiguous()  # (B, N, D)
-        backend, scan_mask, joint_mask, dilation = self._eager_inputs(
+        backend, scan_mask, joint_mask, dilation = self._call_inputs(
             grid, encoder_hidden_states.shape[1], x.device, to_self, opts.get("locality_dilation"))
         if self.locality_conv is not None:
             x = self.locality_conv(x, grid, dilation)
@@ -260,6 +267,7 @@ class LEDiTSD3Transformer2DModel(LEDiTModelMixin, ModelMixin, ConfigMixin):
             kwargs = dict(logit_factor=factor, backend=backend)
             if block.causal and not to_self:
                 kwargs.update(joint_mask=joint_mask, scan_mask=scan_mask, causal_scan=self.config.causal_scan)
+            kwargs = ledit_attention_kwargs(block.attentions(), **kwargs)
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 text, x = self._gradient_checkpointing_func(block, x, text, temb, kwargs)
             else:
