@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import LeditError
+from .errors import LeditError, first_line
 from .models.dit import CAUSAL_SCANS
 
 app = typer.Typer(
@@ -45,8 +45,8 @@ def reported(fn):
         except Exception as e:  # an unexpected failure still gets one line; --debug shows the traceback
             if _state["debug"]:
                 raise
-            first = str(e).splitlines()[0] if str(e) else ""
-            err_console.print(f"[bold red]error:[/] {type(e).__name__}: {first} (rerun with --debug for the traceback)",
+            err_console.print(f"[bold red]error:[/] {type(e).__name__}: {first_line(e)} (rerun with --debug for the "
+                              f"traceback)",
                               highlight=False, soft_wrap=True)
             raise typer.Exit(1)
     return wrapper
@@ -150,7 +150,7 @@ def inspect(
     image_size: Optional[int] = typer.Option(None, help="Training image size in pixels, when no pos_embed says it."),
 ):
     """Say what a file or folder is: format, variant, parameters, attention layout, provenance."""
-    from .conversion.checkpoints import describe, read_checkpoint
+    from .conversion.checkpoints import describe, read_checkpoint, read_json
     ckpt = read_checkpoint(path, num_heads=num_heads, image_size=image_size)
     summary = describe(ckpt)
     conv = ckpt.state_dict.get("locality_conv.conv.weight")
@@ -158,9 +158,10 @@ def inspect(
         summary["locality_conv_zero"] = bool((conv == 0).all())
     prov = Path(ckpt.path) / "provenance.json"
     if prov.exists():
-        record = json.loads(prov.read_text())
-        summary["made_from"] = f"{record['source']['path']} (sha256 {str(record['source']['sha256'])[:12]}...)"
-        summary["made_by"] = f"{record['tool']} {record['tool_version']} on {record['created']}"
+        record = read_json(prov)
+        source = record.get("source") or {}
+        summary["made_from"] = f"{source.get('path')} (sha256 {str(source.get('sha256'))[:12]}...)"
+        summary["made_by"] = f"{record.get('tool')} {record.get('tool_version')} on {record.get('created')}"
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
     else:
@@ -201,7 +202,7 @@ def sample(
     position_mode: Optional[str] = typer.Option(None, help="Stock DiT only: extrapolate | interpolate."),
     npz: bool = typer.Option(False, "--npz", help="Also write an ADM-format batch (arr_0 uint8 NHWC) for FID."),
     no_png: bool = typer.Option(False, "--no-png", help="Skip the per-image PNGs."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty output folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the transformer blocks (one compile per "
                                                           "resolution and batch size; pays off over many batches)."),
     num_heads: Optional[int] = typer.Option(None, help="Attention heads of a DiT checkpoint file of non-standard "
@@ -345,14 +346,14 @@ def evaluate(
     from .evaluation.evaluate import (check_models, evaluate_models, parse_model_spec, parse_references, parse_resolution,
                            pipeline_generator, reference_from_path, write_report)
     from .evaluation.fid import InceptionFeatures
+    from .data.text import read_prompts
     specs = [parse_model_spec(m) for m in model]
-    check_models(specs)
+    prompts = read_prompts(str(prompts_file)) if prompts_file else None
+    check_models(specs, vae, text_encoder, prompts)
     res_list = [parse_resolution(r) for r in resolutions.split(",") if r.strip()]
     ref_paths = parse_references(reference, res_list)
     device = _device(device)
     channels = _guidance(guidance_channels)
-    from .data.text import read_prompts
-    prompts = read_prompts(str(prompts_file)) if prompts_file else None
     settings = dict(num_samples=num_samples, steps=steps, cfg_scale=cfg_scale, guidance_channels=channels,
                     scheduler=scheduler, seed=seed, batch_size=batch_size, device=device, dtype=dtype, compile=compile,
                     prompts=prompts, negative_prompt=negative_prompt, text_encoder=text_encoder, max_length=max_length)
@@ -439,6 +440,7 @@ def cache_latents_cmd(
     else:
         dataset = ImageFolderDataset(data, resolution, load_class_map(class_map) if class_map else None,
                                      random_flip=False)
+    dataset.load(0)  # a dataset with no readable image stops here, before the VAE and text encoders load
     device = _device(device)
     model = load_vae(vae, "cpu")
     encoder = None

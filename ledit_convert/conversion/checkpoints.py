@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, first_line
 from ..models.dit import LEDiTTransformer2DModel, sincos_position_table
 from ..models.pixart import LEDiTPixArtTransformer2DModel, default_interpolation_scale
 from ..models.sd3 import LEDiTSD3Transformer2DModel
@@ -95,7 +95,7 @@ def torch_load_safely(path: Path):
     except (EOFError, zipfile.BadZipFile) as e:
         _fail(path, f"truncated or corrupt checkpoint ({type(e).__name__})")
     except Exception as e:  # torch raises many types for files that are not checkpoints
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = first_line(e)
         if "central directory" in msg or "zip archive" in msg:
             _fail(path, "truncated or corrupt checkpoint (its zip archive is incomplete)")
         _fail(path, f"not a readable PyTorch checkpoint ({type(e).__name__}: {msg[:120]})")
@@ -107,7 +107,7 @@ def load_safetensors(path: Path) -> Dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except Exception as e:  # safetensors raises its own error type for bad headers
-        _fail(path, f"not a readable safetensors file ({str(e).splitlines()[0][:160]})")
+        _fail(path, f"not a readable safetensors file ({first_line(e, 160)})")
 
 
 def _tensor_dict(obj, path) -> Dict[str, torch.Tensor]:
@@ -206,10 +206,9 @@ def _read_weight_folder(folder: Path) -> Tuple[Dict[str, torch.Tensor], Optional
     when sharded), for the provenance hash."""
     index = folder / "diffusion_pytorch_model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         sd = {}
-        for shard in shards:
-            sd.update(load_safetensors(folder / shard))
+        for shard in _shard_files(index):
+            sd.update(load_safetensors(shard))
         return sd, None
     if (folder / WEIGHT_FILES[0]).exists():
         return load_safetensors(folder / WEIGHT_FILES[0]), folder / WEIGHT_FILES[0]
@@ -217,6 +216,19 @@ def _read_weight_folder(folder: Path) -> Tuple[Dict[str, torch.Tensor], Optional
         return _tensor_dict(torch_load_safely(folder / WEIGHT_FILES[1]), folder / WEIGHT_FILES[1]), \
             folder / WEIGHT_FILES[1]
     _fail(folder, f"no weights file ({' or '.join(WEIGHT_FILES)})")
+
+
+def _shard_files(index: Path) -> List[Path]:
+    """The shard files a sharded checkpoint's index names, each checked to exist."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map or \
+            not all(isinstance(v, str) for v in weight_map.values()):
+        _fail(index, "no weight_map of tensor names to shard files")
+    shards = [index.parent / name for name in sorted(set(weight_map.values()))]
+    for shard in shards:
+        if not shard.is_file():
+            _fail(index, f"names the shard {shard.name}, which is missing")
+    return shards
 
 
 def _diffusers_to_ours(d: Dict[str, torch.Tensor], depth: int, path) -> Dict[str, torch.Tensor]:
@@ -270,9 +282,8 @@ def _diffusers_to_ours(d: Dict[str, torch.Tensor], depth: int, path) -> Dict[str
 def read_diffusers(folder: Path) -> SourceCheckpoint:
     """A diffusers DiTTransformer2DModel, PixArtTransformer2DModel or SD3Transformer2DModel folder, or a DiT, PixArt or
     SD3 pipeline folder (its transformer/)."""
-    if (folder / "model_index.json").exists() and (folder / "transformer").is_dir():
-        folder = folder / "transformer"
-    cfg = _read_json(folder / "config.json")
+    folder = transformer_folder(folder)
+    cfg = read_json(folder / "config.json")
     if cfg.get("_class_name") in DIFFUSERS_PIXART_CLASSES and cfg.get("norm_type") == "ada_norm_single":
         return read_pixart(folder, cfg)
     if cfg.get("_class_name") in DIFFUSERS_SD3_CLASSES:
@@ -341,7 +352,7 @@ def read_sd3(folder: Path, cfg: Dict) -> SourceCheckpoint:
 
 def read_ledit(folder: Path) -> SourceCheckpoint:
     """A folder written by this tool (surgery or fine-tuning)."""
-    cfg = _read_json(folder / "config.json")
+    cfg = read_json(folder / "config.json")
     family = LEDIT_CLASS_NAMES.get(cfg.get("_class_name"), "dit")
     config = {k: v for k, v in cfg.items() if not k.startswith("_") and k != "auto_map"}
     sd, weights_file = _read_weight_folder(folder)
@@ -353,13 +364,38 @@ def read_ledit(folder: Path) -> SourceCheckpoint:
 #                                  Entry points                                 #
 #################################################################################
 
-def _read_json(path: Path) -> Dict:
-    if not path.exists():
-        _fail(path.parent, f"no {path.name}: not a model folder")
+def read_json(path, error: type = CheckpointError) -> Dict:
+    """A JSON object file; a missing, unreadable, truncated or non-object file raises `error` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path.parent}: no {path.name}" + (": not a model folder" if path.name == "config.json" else ""))
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        _fail(path, f"not valid JSON ({e})")
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise error(f"{path}: unreadable ({getattr(e, 'strerror', None) or e})") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON, truncated or damaged ({e.msg} at line {e.lineno})") from None
+    if not isinstance(value, dict):
+        raise error(f"{path}: holds a JSON {type(value).__name__}, expected an object")
+    return value
+
+
+def transformer_folder(folder: Path) -> Path:
+    """A pipeline folder's transformer/ (refused when it has none), else the folder itself."""
+    if not (folder / "model_index.json").is_file():
+        return folder
+    if not (folder / "transformer").is_dir():
+        _fail(folder, "a pipeline folder (model_index.json) without transformer/")
+    return folder / "transformer"
+
+
+def load_pretrained(cls, folder, **kwargs):
+    """`cls.from_pretrained(folder)`, a diffusers model; weights or a config it cannot read raise a CheckpointError
+    naming the folder."""
+    try:
+        return cls.from_pretrained(folder, **kwargs)
+    except Exception as e:  # diffusers raises OSError, ValueError, RuntimeError, safetensors' own type...
+        raise CheckpointError(f"{folder}: cannot load the {cls.__name__} ({first_line(e)})") from None
 
 
 def check_against_model(sd: Dict[str, torch.Tensor], config: Dict, path, family: str = "dit") -> None:
@@ -404,7 +440,7 @@ def read_checkpoint(source: str, weights: str = "ema", num_heads: Optional[int] 
     path = resolve_path(source)
     if path.is_dir():
         cfg_path = path / "config.json"
-        if cfg_path.exists() and _read_json(cfg_path).get("_class_name") in LEDIT_CLASS_NAMES:
+        if cfg_path.exists() and read_json(cfg_path).get("_class_name") in LEDIT_CLASS_NAMES:
             return read_ledit(path)
         if (path / "model_index.json").exists() or cfg_path.exists():
             return read_diffusers(path)
@@ -463,4 +499,5 @@ def describe(ckpt: SourceCheckpoint) -> Dict:
 
 
 __all__ = ["SourceCheckpoint", "read_checkpoint", "build_model", "describe", "sha256_of", "torch_load_safely",
-           "check_against_model", "resolve_path", "DIT_HEADS_BY_WIDTH", "MODEL_CLASSES"]
+           "check_against_model", "resolve_path", "read_json", "load_pretrained", "transformer_folder",
+           "DIT_HEADS_BY_WIDTH", "MODEL_CLASSES"]

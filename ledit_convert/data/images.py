@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import DataError
+from ..errors import DataError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +139,8 @@ class _ImageDataset(torch.utils.data.Dataset):
 
     def load(self, index: int, flip: bool = False) -> Sample:
         """Item `index`, or the next readable one if its file cannot be decoded (counted in `skipped`)."""
-        for skipped in range(min(len(self), MAX_CONSECUTIVE_SKIPS)):
+        tries = min(len(self), MAX_CONSECUTIVE_SKIPS)
+        for skipped in range(tries):
             j = (index + skipped) % len(self)
             try:
                 with self._open(j) as opened:  # closes the file; convert forces the full decode here
@@ -149,8 +150,8 @@ class _ImageDataset(torch.utils.data.Dataset):
                 continue
             x = image_to_tensor(center_crop_arr(image, self.resolution), flip)
             return self._item(j, x, skipped)
-        raise DataError(f"{self._describe(index)}: {MAX_CONSECUTIVE_SKIPS} unreadable images in a row; "
-                        f"the dataset looks corrupt")
+        raise DataError(f"{self._describe(index)}: {tries} unreadable images in a row"
+                        + (", every image of the dataset" if tries == len(self) else "; the dataset looks corrupt"))
 
     def __getitem__(self, index: int) -> Sample:
         # the global RNG: DataLoader seeds it per worker, so a seeded run flips the same images
@@ -291,8 +292,7 @@ class HFImageDataset(_ImageDataset):
             else:
                 ds = datasets.load_dataset(self.path, split=split, cache_dir=cache_dir)
         except Exception as e:  # datasets raises many types; the user needs the path and the reason
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DataError(f"{self.path}: cannot load as a Hugging Face dataset ({reason})") from None
+            raise DataError(f"{self.path}: cannot load as a Hugging Face dataset ({first_line(e)})") from None
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
                 raise DataError(f"{self.path}: no split {split!r}; splits are {sorted(ds)}")

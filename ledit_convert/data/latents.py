@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .images import EncodedSample, Sample
-from ..errors import DataError, OutputExistsError
+from ..errors import ConfigError, DataError, OutputExistsError
 
 INDEX_FILE = "index.json"
 SHARD_NAME = "latents_{:05d}.safetensors"
@@ -59,6 +59,8 @@ class _Unflipped(torch.utils.data.Dataset):
 
 
 def _write_atomic(path: str, write: Callable[[str], None]):
+    """Write a cache file through a temporary one; the cache folder itself appears with its first finished file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp"
     write(tmp)
     os.replace(tmp, path)  # a reader sees the old file or the whole new one, never a partial one
@@ -102,11 +104,15 @@ def cache_latents(dataset, vae, output_dir, batch_size: int = 32, shard_size: in
     index_path = os.path.join(output_dir, INDEX_FILE)
     if os.path.exists(index_path):
         if not overwrite:
-            raise OutputExistsError(f"{output_dir}: already holds a latent cache (pass overwrite to rebuild)")
+            raise OutputExistsError(f"{output_dir}: already holds a latent cache (pass --overwrite to rebuild it)")
         os.remove(index_path)  # from here on the folder reads as incomplete until we finish
-    if shard_size < 1 or batch_size < 1:
-        raise ValueError(f"shard_size and batch_size must be positive, got {shard_size}, {batch_size}")
-    os.makedirs(output_dir, exist_ok=True)
+    for name, value, least in (("--shard-size", shard_size, 1), ("--batch-size", batch_size, 1),
+                               ("--num-workers", num_workers, 0)):
+        if value < least:
+            raise ConfigError(f"{name} {value} must be at least {least}")
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)  # the VAE's downsampling
+    if dataset.resolution % factor:
+        raise ConfigError(f"--resolution {dataset.resolution} is not a multiple of {factor}, the VAE's downsampling")
     vae = vae.to(device=device).eval()
     if vae.dtype != dtype:  # only cast when asked: diffusers warns on every dtype cast
         vae = vae.to(dtype=dtype)

@@ -3,12 +3,13 @@ named token fields: {"embeds", "mask"} for PixArt (T5 tokens and keep-masks it c
 "pooled"} for SD3 (the joint CLIP + T5 sequence and the pooled CLIP vectors). Caching, training and sampling all
 encode through an encoder's `encode`, so the tokens a model is trained on are the tokens it is sampled with."""
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, first_line
 
 DEFAULT_MAX_LENGTH = 300  # PixArt-Sigma's token count (PixArt-alpha trained with 120)
 # a token field's transformer argument (PixArt: embeds + mask; SD3: embeds + pooled)
@@ -51,6 +52,20 @@ class TextEncoder:
                               f"caption_channels {config.caption_channels}")
 
 
+@contextmanager
+def _quiet_loading():
+    """transformers' weight-loading progress bars off while encoders load: the commands report their own progress,
+    and a failed command's stderr stays its one error line."""
+    from transformers.utils import logging
+    was_on = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            logging.enable_progress_bar()
+
+
 def _parts(path: str) -> Tuple[str, Optional[str], str, Optional[str]]:
     """(encoder path, subfolder, tokenizer path, subfolder) of a pipeline folder (text_encoder/ and tokenizer/), an
     encoder folder holding its tokenizer, or a hub id (a pipeline's layout assumed)."""
@@ -73,11 +88,12 @@ def load_text_encoder(path: str, max_length: int = DEFAULT_MAX_LENGTH, device="c
     try:
         config = AutoConfig.from_pretrained(enc_path, subfolder=enc_sub or "")
         cls = T5EncoderModel if config.model_type in ("t5", "mt5", "umt5") else AutoModel
-        model = cls.from_pretrained(enc_path, subfolder=enc_sub or "", torch_dtype=dtype)
+        with _quiet_loading():
+            model = cls.from_pretrained(enc_path, subfolder=enc_sub or "", torch_dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(tok_path, subfolder=tok_sub or "")
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"--text-encoder {path}: cannot load a text encoder and tokenizer "
-                          f"({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__})") from None
+                          f"({first_line(e)})") from None
     return TextEncoder(tokenizer, model.to(device).requires_grad_(False), max_length, str(path))
 
 
@@ -153,11 +169,12 @@ def load_sd3_text_encoders(path: str, max_length: int = SD3_MAX_LENGTH, device="
             break
         try:
             cls = T5EncoderModel if i == 2 else CLIPTextModelWithProjection
-            model = cls.from_pretrained(path, subfolder=enc, torch_dtype=dtype).to(device).requires_grad_(False)
+            with _quiet_loading():
+                model = cls.from_pretrained(path, subfolder=enc, torch_dtype=dtype).to(device).requires_grad_(False)
             parts.append((AutoTokenizer.from_pretrained(path, subfolder=tok), model))
         except (OSError, ValueError, KeyError) as e:
             raise ConfigError(f"--text-encoder {path}: cannot load {enc}/ and {tok}/ "
-                              f"({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__})") from None
+                              f"({first_line(e)})") from None
     return SD3TextEncoders(parts[:2], parts[2] if len(parts) == 3 else None, max_length, source=path)
 
 

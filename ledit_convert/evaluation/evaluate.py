@@ -214,11 +214,17 @@ def write_report(rows: List[Dict], out_dir: str, settings: Optional[Dict] = None
 #                          Generating with saved models                         #
 #################################################################################
 
-def check_models(specs: Sequence[ModelSpec]) -> None:
-    """Fail before any sampling if a model cannot be read (folders by their JSON, files by their tensors)."""
-    from ..inference.sampling import open_model
+def check_models(specs: Sequence[ModelSpec], vae: Optional[str] = None, text_encoder: Optional[str] = None,
+                 prompts: Optional[Sequence[str]] = None) -> None:
+    """Fail before any sampling if a model cannot be read (folders by their JSON, files by their tensors), its VAE
+    does not fit it, or a text-to-image model has no prompts."""
+    from ..inference.sampling import model_vae, open_model
+    from ..inference.text_pipeline import plan_prompts
     for spec in specs:
-        open_model(spec.path)
+        source = open_model(spec.path)
+        if source.text:
+            plan_prompts(1, list(prompts or []))  # refuses a text-to-image model without prompts
+        model_vae(source, vae, text_encoder)
 
 
 def pipeline_generator(settings: Dict, vae: Optional[str], progress: Optional[Callable[[int, int], None]] = None):

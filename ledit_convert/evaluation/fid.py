@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..data.images import IMAGE_EXTENSIONS, list_images
-from ..errors import CheckpointError, ConfigError, DataError
+from ..errors import CheckpointError, ConfigError, DataError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -122,8 +122,7 @@ class InceptionFeatures:
                 warnings.filterwarnings("ignore", ".*torch.jit.load.*", DeprecationWarning)
                 self.model = torch.jit.load(self.path, map_location=self.device).eval()
         except (RuntimeError, ValueError, OSError) as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"{self.path}: not a loadable TorchScript Inception network ({reason})") from None
+            raise CheckpointError(f"{self.path}: not a loadable TorchScript Inception network ({first_line(e)})") from None
         # StyleGAN's full network takes [0, 255] at any size; the bare layers need our resize + scaling
         arguments = [a.name for a in self.model.forward.schema.arguments]
         self.resizes_itself = "return_features" in arguments

@@ -1,27 +1,28 @@
 """Sample class-conditional images from a LEDiT or DiT folder: the logic behind `ledit-convert sample`."""
-import json
 import logging
 import math
 import os
 import time
 import zipfile
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Tuple, Union
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Union
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DiTTransformer2DModel
+from diffusers import DiTTransformer2DModel
 from PIL import Image
 
 from ..conversion.checkpoints import (DIFFUSERS_DIT_CLASSES, DIFFUSERS_PIXART_CLASSES,  # old configs: Transformer2DModel
                                        DIFFUSERS_SD3_CLASSES)
-from ..conversion.checkpoints import SourceCheckpoint, build_model, read_checkpoint
+from ..conversion.checkpoints import SourceCheckpoint, build_model, load_pretrained, read_checkpoint, read_json
+from ..conversion.export import atomic_folder
 from ..models.compiling import compile_blocks, is_compile_error, is_compiled, uncompile_blocks
-from ..errors import CheckpointError, ConfigError, OutputExistsError
+from ..errors import CheckpointError, ConfigError, OutputExistsError, first_line
 from ..models.dit import LEDiTTransformer2DModel
 from .pipeline import SCHEDULER_KINDS, LEDiTPipeline, default_scheduler
-from .text_pipeline import (FAMILY_OF_KIND, TEXT_DEFAULTS, load_text_pipeline, make_text_scheduler, plan_prompts,
-                            source_pipeline)
+from .text_pipeline import FAMILY_OF_KIND, TEXT_DEFAULTS, load_text_pipeline, make_text_scheduler, plan_prompts, text_parts
+from .vae import assemble_vae, check_vae_fits, vae_scale_factor
 
 logger = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -75,14 +76,6 @@ class SampleResult:
     seconds: float = 0.0
 
 
-def _read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from None
-
-
 def open_model(path: str, num_heads: Optional[int] = None) -> ModelSource:
     """A model folder (`inspect_model_dir`) or a DiT checkpoint file, read and checked to run in DiT mode
     (`num_heads` for a file of a non-standard width)."""
@@ -108,7 +101,7 @@ def inspect_model_dir(model_dir: str) -> ModelSource:
     else:
         raise CheckpointError(f"{model_dir} is not a model folder: no config.json, model_index.json or transformer/")
     config_path = os.path.join(transformer_dir, "config.json")
-    config = _read_json(config_path)
+    config = read_json(config_path)
     class_name = config.get("_class_name")
     if class_name == "LEDiTTransformer2DModel":
         kind = "ledit"
@@ -147,31 +140,16 @@ def resolve_vae(vae: Optional[str], source: ModelSource) -> Optional[str]:
     return str(vae)
 
 
-def vae_location(vae: str) -> Tuple[str, str]:
-    """(path, subfolder) of a VAE named by its own folder or id, or by a pipeline (a local folder holding vae/, or
-    a hub id whose root has no VAE config)."""
-    vae = str(vae)
-    if os.path.isdir(vae):
-        own = os.path.isfile(os.path.join(vae, "config.json"))
-        return (vae, "") if own or not os.path.isfile(os.path.join(vae, "vae", "config.json")) else (vae, "vae")
-    try:
-        AutoencoderKL.load_config(vae)
-        return vae, ""
-    except (OSError, ValueError):
-        return vae, "vae"
-
-
-def vae_scale_factor(vae: Optional[str], error: type = CheckpointError) -> int:
-    """Pixels per latent cell of a VAE (folder or hub id), from its config alone; 1 without one (pixel space).
-    An unreadable config raises `error`."""
-    if vae is None:
-        return 1
-    try:
-        path, sub = vae_location(vae)
-        config = AutoencoderKL.load_config(path, subfolder=sub or None)
-    except (OSError, ValueError) as e:
-        raise error(f"cannot read the VAE config of {vae}: {str(e).splitlines()[0]}") from None
-    return 2 ** (len(config["block_out_channels"]) - 1)
+def model_vae(source: ModelSource, vae: Optional[str], text_encoder: Optional[str] = None) -> Optional[str]:
+    """The VAE a model decodes through (`resolve_vae`; for a text model `vae` or its source pipeline's), checked to
+    fit it (`check_vae_fits`) before any weights load."""
+    if source.text:
+        vae_path = text_parts(source.transformer_dir, vae, text_encoder)[0]
+    else:
+        vae_path = resolve_vae(vae, source)
+    family = FAMILY_OF_KIND.get(source.kind, "dit")
+    check_vae_fits(vae_path, source.config, family, source.path)
+    return vae_path
 
 
 def load_pipeline(model: Union[str, ModelSource], vae: Optional[str] = None, scheduler: Optional[str] = None,
@@ -190,18 +168,14 @@ def load_pipeline(model: Union[str, ModelSource], vae: Optional[str] = None, sch
             transformer = transformer.to(torch_dtype)
     else:
         model_cls = LEDiTTransformer2DModel if source.kind == "ledit" else DiTTransformer2DModel
-        try:
-            transformer = model_cls.from_pretrained(source.transformer_dir, torch_dtype=torch_dtype)
-        except (OSError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"cannot load the transformer in {source.transformer_dir}: "
-                                  f"{str(e).splitlines()[0]}") from None
+        transformer = load_pretrained(model_cls, source.transformer_dir, torch_dtype=torch_dtype)
     if scheduler is not None:
         noise_scheduler = make_scheduler(scheduler)
     elif source.pipeline_dir is not None and os.path.isdir(os.path.join(source.pipeline_dir, "scheduler")):
         import diffusers  # the saved scheduler's class is named in its config
 
         scheduler_dir = os.path.join(source.pipeline_dir, "scheduler")
-        class_name = _read_json(os.path.join(scheduler_dir, "scheduler_config.json")).get("_class_name")
+        class_name = read_json(os.path.join(scheduler_dir, "scheduler_config.json")).get("_class_name")
         noise_scheduler = getattr(diffusers, class_name).from_pretrained(scheduler_dir)
     else:
         noise_scheduler = default_scheduler("ddpm")
@@ -232,17 +206,6 @@ def assemble_pipeline(transformer, vae_path: Optional[str], noise_scheduler, dev
     if compile:
         compile_blocks(pipe.transformer)
     return pipe
-
-
-def assemble_vae(vae_path: Optional[str]) -> Optional[AutoencoderKL]:
-    """The AutoencoderKL of a folder, pipeline folder or id (float32), or None in pixel space."""
-    if vae_path is None:
-        return None
-    try:
-        path, sub = vae_location(vae_path)
-        return AutoencoderKL.from_pretrained(path, subfolder=sub or None)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"cannot load the VAE {vae_path}: {str(e).splitlines()[0]}") from None
 
 
 def _check_device(device: str) -> torch.device:
@@ -287,7 +250,7 @@ def iter_samples(pipe: LEDiTPipeline, labels: List[int], seed: int, batch_size: 
                 if not is_compile_error(e):
                     raise
                 logger.warning("torch.compile failed (%s: %s); sampling continues in eager mode",
-                               type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                               type(e).__name__, first_line(e))
                 uncompile_blocks(pipe.transformer)
         yield start, images(), batch_labels
 
@@ -452,7 +415,6 @@ def sample_images(
         _check_text_options(model_dir, class_labels, guidance_channels, attention_scaling, causal_to_self_below,
                             position_mode)
         labels = plan_prompts(num_samples, list(prompts or []))
-        vae_path = vae or source_pipeline(source.transformer_dir)
     else:
         if prompts:
             raise ConfigError(f"{model_dir} is class-conditional: it takes --class-labels, not prompts")
@@ -461,9 +423,9 @@ def sample_images(
             if not 0 <= label < num_classes:
                 raise ConfigError(f"class label {label} is out of range: {model_dir} has {num_classes} classes "
                                   f"(0..{num_classes - 1})")
-        vae_path = resolve_vae(vae, source)
         labels = plan_labels(num_samples, class_labels, num_classes)
         guidance_channels = 3 if guidance_channels is None else guidance_channels
+    vae_path = model_vae(source, vae, text_encoder)
     multiple = vae_scale_factor(vae_path) * source.config["patch_size"]
     default_size = source.config["sample_size"] * (multiple // source.config["patch_size"])
     height = default_size if height is None else height
@@ -472,7 +434,7 @@ def sample_images(
         if value <= 0 or value % multiple:
             raise ConfigError(f"{name} {value} is not a positive multiple of {multiple} (VAE factor x patch size)")
     if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
-        raise OutputExistsError(f"output folder {output_dir} is not empty; pass overwrite=True to write into it")
+        raise OutputExistsError(f"output folder {output_dir} is not empty; pass --overwrite to replace it")
 
     # 2. Load, then check the options that depend on the model class (LEDiT-only options on a DiT, ...)
     if source.text:
@@ -489,20 +451,35 @@ def sample_images(
         check_call(pipe, labels, **call)
     pipe.set_progress_bar_config(disable=True)  # the caller reports progress per batch
 
-    # 3. Sample batch by batch, streaming to disk
-    os.makedirs(output_dir, exist_ok=True)
+    # 3. Sample batch by batch into a temporary sibling folder, renamed into place once every file is written
     result = SampleResult(output_dir=str(output_dir), labels=labels)
-    npz_path = os.path.join(output_dir, f"samples_{num_samples}x{height}x{width}x3.npz")
-    writer = NpzWriter(npz_path, (num_samples, height, width, 3)) if npz else None
+    with atomic_folder(Path(output_dir), overwrite=True) as tmp:
+        names = _write_samples(pipe, labels, seed, batch_size, call, str(tmp), text=source.text, write_png=write_png,
+                               write_grid=write_grid, npz=npz, num_prompts=len(prompts or []), progress=progress)
+    result.image_paths = [os.path.join(output_dir, name) for name in names["images"]]
+    result.grid_path = os.path.join(output_dir, names["grid"]) if names["grid"] else None
+    result.npz_path = os.path.join(output_dir, names["npz"]) if names["npz"] else None
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _write_samples(pipe, labels: List, seed: int, batch_size: int, call: Dict, folder: str, text: bool,
+                   write_png: bool, write_grid: bool, npz: bool, num_prompts: int,
+                   progress: Optional[Callable[[int, int], None]]) -> Dict:
+    """Sample every image of `labels` (class ids, or prompts when `text`) batch by batch into `folder`, streaming
+    PNGs and the npz; returns the file names written: {"images": [...], "grid": name or None, "npz": name or None}."""
+    num_samples, height, width = len(labels), call["height"], call["width"]
+    names = {"images": [], "grid": None, "npz": None}
+    npz_name = f"samples_{num_samples}x{height}x{width}x3.npz"
+    writer = NpzWriter(os.path.join(folder, npz_name), (num_samples, height, width, 3)) if npz else None
     grid: List[np.ndarray] = []
     try:
         for start, images, batch_labels in iter_samples(pipe, labels, seed, batch_size, **call):
             for i, (image, label) in enumerate(zip(images, batch_labels)):
                 if write_png:
-                    name = f"{start + i:06d}.png" if source.text else f"{start + i:06d}_class{label}.png"
-                    path = os.path.join(output_dir, name)
-                    Image.fromarray(image).save(path)
-                    result.image_paths.append(path)
+                    name = f"{start + i:06d}.png" if text else f"{start + i:06d}_class{label}.png"
+                    Image.fromarray(image).save(os.path.join(folder, name))
+                    names["images"].append(name)
                 if write_grid and len(grid) < GRID_MAX_IMAGES:
                     grid.append(image)
             if writer is not None:
@@ -510,15 +487,15 @@ def sample_images(
             if progress is not None:
                 progress(min(start + batch_size, num_samples), num_samples)
         if writer is not None:  # a text model's arr_1 holds each image's index into the prompts
-            result.npz_path = writer.close([i % len(prompts) for i in range(num_samples)] if source.text else labels)
+            writer.close([i % num_prompts for i in range(num_samples)] if text else labels)
+            names["npz"] = npz_name
     except BaseException:
         if writer is not None:
             writer.abort()
         raise
     if write_grid:
-        result.grid_path = save_grid(grid, os.path.join(output_dir, "grid.png"))
-    if source.text:  # image i's prompt on line i + 1
-        with open(os.path.join(output_dir, "prompts.txt"), "w", encoding="utf-8") as f:
+        names["grid"] = os.path.basename(save_grid(grid, os.path.join(folder, "grid.png")))
+    if text:  # image i's prompt on line i + 1
+        with open(os.path.join(folder, "prompts.txt"), "w", encoding="utf-8") as f:
             f.write("".join(p.replace("\n", " ") + "\n" for p in labels))
-    result.seconds = time.perf_counter() - started
-    return result
+    return names

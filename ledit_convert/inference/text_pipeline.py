@@ -4,17 +4,19 @@ with resolution binning off; SD3's with its flow-matching Euler scheduler), so t
 exactly the pipeline it would drop into."""
 import json
 import os
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from diffusers import (FlowMatchEulerDiscreteScheduler, PixArtAlphaPipeline, PixArtSigmaPipeline,
                        PixArtTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline)
 
+from ..conversion.checkpoints import load_pretrained
 from ..data.text import DEFAULT_MAX_LENGTH, SD3_MAX_LENGTH, load_sd3_text_encoders, load_text_encoder
-from ..errors import CheckpointError, ConfigError
+from ..errors import ConfigError
 from ..models.pixart import LEDiTPixArtTransformer2DModel
 from ..models.sd3 import LEDiTSD3Transformer2DModel
 from .pipeline import default_scheduler
+from .vae import assemble_vae
 
 FAMILY_OF_KIND = {"pixart": "pixart", "pixart_diffusers": "pixart", "sd3": "sd3", "sd3_diffusers": "sd3"}
 MODEL_OF_KIND = {"pixart": LEDiTPixArtTransformer2DModel, "pixart_diffusers": PixArtTransformer2DModel,
@@ -118,6 +120,19 @@ def source_pipeline(transformer_dir: str, hops: int = 4) -> Optional[str]:
     return None
 
 
+def text_parts(transformer_dir: str, vae: Optional[str],
+               text_encoder: Optional[str]) -> Tuple[str, str, Optional[str]]:
+    """(VAE, text encoder, source pipeline) of a text-to-image transformer: those given, else the pipeline folder it
+    was converted from (`source_pipeline`); a ConfigError when one is neither given nor at hand."""
+    home = source_pipeline(transformer_dir)
+    vae, text_encoder = vae or home, text_encoder or home
+    for name, value in (("--vae", vae), ("--text-encoder", text_encoder)):
+        if value is None:
+            raise ConfigError(f"{transformer_dir}: a text-to-image model needs {name} (its pipeline folder or id), "
+                              f"and the folder it was converted from is not at hand")
+    return vae, text_encoder, home
+
+
 def load_text_encoders(family: str, path: str, max_length: Optional[int] = None, device="cpu",
                        dtype: torch.dtype = torch.float32):
     """A family's text encoding: T5 for PixArt, the two CLIPs and T5 for SD3 (`max_length`: the family's default)."""
@@ -132,19 +147,10 @@ def load_text_pipeline(transformer_dir: str, kind: str, vae: Optional[str], text
     """A converted ("pixart", "sd3") or stock diffusers ("pixart_diffusers", "sd3_diffusers") text-to-image
     transformer with its VAE and text encoders, by default those of the pipeline folder it came from
     (`source_pipeline`)."""
-    from .sampling import assemble_vae
     family = FAMILY_OF_KIND[kind]
-    home = source_pipeline(transformer_dir)
-    vae, text_encoder = vae or home, text_encoder or home
-    for name, value in (("--vae", vae), ("--text-encoder", text_encoder)):
-        if value is None:
-            raise ConfigError(f"{transformer_dir}: a text-to-image model needs {name} (its pipeline folder or id), "
-                              f"and the folder it was converted from is not at hand")
+    vae, text_encoder, home = text_parts(transformer_dir, vae, text_encoder)
     noise_scheduler = make_text_scheduler(scheduler or TEXT_DEFAULTS[family]["scheduler"], family, home)
-    try:
-        transformer = MODEL_OF_KIND[kind].from_pretrained(transformer_dir, torch_dtype=dtype)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"cannot load the transformer in {transformer_dir}: {str(e).splitlines()[0]}") from None
+    transformer = load_pretrained(MODEL_OF_KIND[kind], transformer_dir, torch_dtype=dtype)
     encoder = load_text_encoders(family, text_encoder, max_length, device)
     encoder.check_fits(transformer.config, transformer_dir)
     return TextToImage(transformer, assemble_vae(vae), noise_scheduler, encoder, negative_prompt).to(device)

@@ -1,15 +1,14 @@
 """What each model family trains with: DiT (class ids, DiT's objective), PixArt (text tokens and masks, DiT's
 objective), SD3 (joint text tokens and pooled vectors, rectified flow). `finetune` asks these functions for the
 family's objective, text inputs, batch conditions and LoRA layout, so its loop is one for every family."""
-import json
 from pathlib import Path
 
 import torch
 
-from ..conversion.checkpoints import LEDIT_CLASS_NAMES
+from ..conversion.checkpoints import LEDIT_CLASS_NAMES, read_json
 from ..data.images import CaptionSample, EncodedSample
 from ..data.text import TextCondition, micro_conditions
-from ..errors import ConfigError, DataError
+from ..errors import CheckpointError, ConfigError, DataError
 from .flow import FlowSchedule
 from .recipe import Recipe
 
@@ -27,12 +26,9 @@ FAMILY_NAMES = {"dit": "DiT", "pixart": "PixArt", "sd3": "SD3"}
 
 def model_family(model_path: Path) -> str:
     """The family ("dit", "pixart", "sd3") of a converted model folder, from its config's class name."""
-    try:
-        name = json.loads((model_path / "config.json").read_text()).get("_class_name")
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{model_path / 'config.json'}: unreadable ({e})") from None
+    name = read_json(model_path / "config.json").get("_class_name")
     if name not in LEDIT_CLASS_NAMES:
-        raise ConfigError(f"{model_path}: holds a {name}, not a converted model; run `ledit-convert surgery` first")
+        raise CheckpointError(f"{model_path}: holds a {name}, not a converted model; run `ledit-convert surgery` first")
     return LEDIT_CLASS_NAMES[name]
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..data.images import Sample
+from ..conversion.checkpoints import read_json
 from ..errors import ConfigError
 
 CHECKPOINT_DIR = re.compile(r"^step_(\d{8})$")
@@ -152,5 +153,5 @@ def write_state(folder: Path, state: Dict) -> None:
 
 
 def read_state(folder: Path) -> Dict:
-    """state.json of a checkpoint."""
-    return json.loads((folder / "state.json").read_text())
+    """state.json of a checkpoint; a missing or damaged one is a CheckpointError naming it."""
+    return read_json(folder / "state.json")
