@@ -42,6 +42,7 @@ from ledit_convert.training.fastcheck import check_graphed_matches_eager  # noqa
 from ledit_convert.training.fastloop import Arm, ArmConfig, DeviceData, train_concurrently  # noqa: E402
 from ledit_convert.models.dit import LEDiTTransformer2DModel, sincos_position_table  # noqa: E402
 from ledit_convert.training.periodic import EvalPlan, heldout_loss, sample_images, score_samples  # noqa: E402
+from ledit_convert.training.position_fade import suspended  # noqa: E402
 from ledit_convert.replication.probe import norm_matching_factor, probe_model, rescale_patch_embedding  # noqa: E402
 from ledit_convert.replication.shapes import ShapesDataset  # noqa: E402
 from ledit_convert.conversion.surgery import SurgeryOptions, convert  # noqa: E402
@@ -58,16 +59,16 @@ SCALES = {
     "smoke": dict(model=dict(hidden_size=32, num_layers=2, num_attention_heads=2), train_items=64, heldout_items=16,
                   batch=8, base_budget=256, main_budget=32, sweep=[16, 32, 64], scratch_budget=32, samples=4,
                   ref_items=8, sample_steps=3, seeds=[0, 1], probe_images=8, classifier_steps=5, base_lr=6e-4,
-                  ema_half_life=64, ema_rampup=0.05, warmup_images=16),
+                  ema_half_life=64, ema_rampup=0.05, warmup_images=16, fade_images=8),
     "quick": dict(model={}, train_items=4096, heldout_items=256, batch=32, base_budget=200_000, main_budget=32_000,
                   sweep=[8_000, 16_000, 32_000, 64_000, 128_000, 256_000], scratch_budget=64_000, samples=100,
                   ref_items=300, sample_steps=25, seeds=[0, 1], probe_images=32, classifier_steps=150, base_lr=6e-4,
-                  ema_half_life=20_000, ema_rampup=0.05, warmup_images=2_000),
+                  ema_half_life=20_000, ema_rampup=0.05, warmup_images=2_000, fade_images=4_000),
     "evidence": dict(model={}, train_items=50_000, heldout_items=1000, batch=256, base_budget=2_000_000,
                      main_budget=500_000, sweep=[125_000, 250_000, 500_000, 1_000_000, 2_000_000, 4_000_000],
                      scratch_budget=1_000_000, samples=500, ref_items=1000, sample_steps=50, seeds=[0, 1],
                      probe_images=64, classifier_steps=150, base_lr=6e-4, ema_half_life=250_000, ema_rampup=0.05,
-                     warmup_images=50_000),
+                     warmup_images=50_000, fade_images=62_500),
 }
 ARMS = {  # name -> how its model starts: the base trained further, surgery on the base, or from scratch
     "dit-continued": dict(init="dit"),
@@ -80,15 +81,16 @@ ARMS = {  # name -> how its model starts: the base trained further, surgery on t
     "ledit-scan-c": dict(init="surgery", surgery=SurgeryOptions(scan="unmask_neighborhood")),
     "ledit-scan-d2": dict(init="surgery", surgery=SurgeryOptions(scan="row_or_column_major")),  # (d), reading 2
     "ledit+norm": dict(init="surgery", surgery=SurgeryOptions(), match_norm=True),  # a remedy, beside the recipe
+    "ledit+fade": dict(init="surgery", surgery=SurgeryOptions(), fade=True),  # the table fades out, not cut
     "ledit-scratch": dict(init="scratch", layout="alternate"),
     "ledit-scratch-refined": dict(init="scratch", layout="first", post_norm=True),  # the paper's dagger rows
 }
-PHASE1 = ["ledit", "dit-continued", "nope+causal", "ledit-scan-d2", "ledit-scan-a", "ledit-scan-b", "ledit-scan-c",
-          "nope", "nope+conv", "ledit+norm"]
+PHASE1 = ["ledit", "dit-continued", "nope+causal", "ledit+fade", "ledit-scan-d2", "ledit-scan-a", "ledit-scan-b",
+          "ledit-scan-c", "nope", "nope+conv", "ledit+norm"]
 SWEEP_ARMS = ["ledit", "dit-continued"]
 PHASE3_SEEDED = ["ledit", "ledit-scan-d2", "nope+causal", "dit-continued"]
 PHASE3_SCRATCH = ["ledit-scratch", "ledit-scratch-refined"]
-LEDIT_FAMILY = ("ledit", "ledit-scan-a", "ledit-scan-b", "ledit-scan-c", "ledit-scan-d2", "ledit+norm",
+LEDIT_FAMILY = ("ledit", "ledit-scan-a", "ledit-scan-b", "ledit-scan-c", "ledit-scan-d2", "ledit+norm", "ledit+fade",
                 "ledit-scratch", "ledit-scratch-refined")
 SCAN_TABLE = [("(a) one_dimension", "ledit-scan-a"), ("(b) mask_lower_right", "ledit-scan-b"),
               ("(c) unmask_neighborhood", "ledit-scan-c"), ("(d) reading 1, mask_lower_right_corner", "ledit"),
@@ -218,7 +220,10 @@ class Experiment:
         """An arm, resumed from its saved state when there is one."""
         folder = self.out / "arms" / f"{name}-s{seed}"
         model = self.initial_model(name, seed)
-        arm = Arm(model, self.data, self.arm_config(seed), graphed=self.graphed)
+        cfg = self.arm_config(seed)
+        if ARMS[name].get("fade"):
+            cfg = dataclasses.replace(cfg, position_fade_images=self.cfg["fade_images"])
+        arm = Arm(model, self.data, cfg, graphed=self.graphed)
         if (folder / "state").exists():
             arm.load(folder / "state")
         return arm
@@ -341,7 +346,8 @@ class Experiment:
             arm.export(folder)
         self.score(arm.ema, name, seed, budget, "ema", resolutions)
         arm.join()  # the raw weights are read on this stream after the arm's queued updates
-        self.score(arm.model, name, seed, budget, "raw", [r for r in RAW_RESOLUTIONS if r in resolutions])
+        with suspended(arm.model):  # an arm's fading table is for training only
+            self.score(arm.model, name, seed, budget, "raw", [r for r in RAW_RESOLUTIONS if r in resolutions])
         arm.model.train()
         if arm.graph_error:
             self.meta.setdefault("graph_fallbacks", {})[f"{name}-s{seed}"] = arm.graph_error
@@ -519,7 +525,7 @@ def write_report(exp: Experiment) -> None:
     summary = summarize(rows)
     main = exp.cfg["main_budget"]
     headline = ("dit-extrapolate", "dit-interpolate", "upscale", "dit-continued", "nope", "nope+causal", "nope+conv",
-                "ledit", "ledit+norm", "ledit-scratch", "ledit-scratch-refined")
+                "ledit", "ledit+fade", "ledit+norm", "ledit-scratch", "ledit-scratch-refined")
     at_main = lambda r: r["weights"] == "ema" and r["budget"] in (0, main, exp.cfg["scratch_budget"])  # noqa: E731
     name = lambda r: r["arm"] + (f" (n={r['seeds']})" if r["seeds"] > 1 else "")  # noqa: E731
     md = [f"# Replication ({exp.args.scale} scale, {exp.args.features} features)\n\n",

@@ -131,6 +131,16 @@ def test_lora_trains_adapters_and_merges(setup_dirs):
     assert any("locality_conv" in k for k in moved)  # trained fully
     assert not any(k.startswith("t_embedder") for k in moved)  # frozen
     assert summary["steps"] == 4
+    # beside it, the adapter in diffusers' format and the fully trained modules: onto the starting folder they give
+    # the merged model
+    lora = tmp / "run" / "model-lora"
+    base.load_state_dict(load_file(str(lora / "trained_modules.safetensors")), strict=False)
+    base.load_lora_adapter(str(lora), prefix="transformer", weight_name="pytorch_lora_weights.safetensors")
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([3, 800]), torch.tensor([0, 2])
+    with torch.no_grad():
+        merged = exported.eval()(x, t, y, attention_kwargs={"locality_dilation": 1}).sample
+        adapted = base.eval()(x, t, y, attention_kwargs={"locality_dilation": 1}).sample
+    torch.testing.assert_close(adapted, merged, rtol=1e-5, atol=1e-5)
 
 
 def test_validation_grids(setup_dirs):

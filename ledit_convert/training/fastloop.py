@@ -36,6 +36,7 @@ from .diffusion import DiffusionSchedule
 from ..errors import ConfigError, DataError
 from ..conversion.export import atomic_folder, cpu_state_dict, init_config, write_json_atomic, write_model_folder
 from ..models.dit import LEDiTTransformer2DModel, attention_mask, resolve_backend
+from .position_fade import PositionFade
 from .trainstep import diffusion_loss, ema_weight_tensor, learning_rate
 
 logger = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ class ArmConfig:
     adam_eps: float = 1e-8
     mixed_precision: str = "no"  # no | bf16 (autocast; weights, EMA and optimizer state stay fp32)
     seed: int = 0
+    position_fade_images: int = 0  # > 0: the source's table fades out over this many images (position_fade.py)
 
     def __post_init__(self):
         self.betas = tuple(self.betas)  # a list once it has been through JSON
@@ -117,6 +119,8 @@ class ArmConfig:
             p.append(f"max_grad_norm {self.max_grad_norm} must be positive (None turns clipping off)")
         if self.weight_decay < 0 or len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             p.append(f"weight_decay {self.weight_decay} must be >= 0 and betas {self.betas} two values in [0, 1)")
+        if self.position_fade_images < 0:
+            p.append(f"position_fade_images {self.position_fade_images} must be >= 0 (0: no fade)")
         if self.mixed_precision not in ("no", "bf16"):
             p.append(f"mixed_precision {self.mixed_precision!r} is not one of no, bf16")
         if p:
@@ -173,6 +177,8 @@ class Arm:
         self.model = model.to(self.device).train()
         self.model.set_attention_backend(attention_backend)
         self._ema = copy.deepcopy(self.model).float().eval().requires_grad_(False)
+        # the fading table hooks the trained model only, after the EMA copy: the EMA and exports never have it
+        self.fade = PositionFade(self.model, cfg.position_fade_images) if cfg.position_fade_images else None
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.ema_trainable = [e for e, p in zip(self._ema.parameters(), self.model.parameters()) if p.requires_grad]
         for p in self.trainable:
@@ -266,6 +272,8 @@ class Arm:
         dilation = self._draw_dilation()
         with self._on_stream():
             self._set_lr(learning_rate(self.step_count, self.cfg.lr, self.cfg.lr_warmup_steps))
+            if self.fade is not None:
+                self.fade.set_images_seen(self.step_count * self.cfg.batch)
             if self._graphs:
                 self._graphs[dilation].replay()
             else:

@@ -1,6 +1,8 @@
 """`ledit-convert finetune`: DiT's training objective on accelerate, shaped as setup / train / save."""
 import copy
 import logging
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -8,19 +10,21 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .. import __version__
 from ..models.compiling import compile_blocks, is_compile_error, uncompile_blocks
 from .diffusion import DiffusionSchedule
-from ..errors import ConfigError, DataError
+from ..errors import CheckpointError, ConfigError, DataError, first_line
 from ..conversion.export import cpu_state_dict, init_config, provenance_record, write_model_folder
-from ..conversion.checkpoints import MODEL_CLASSES
+from ..conversion.lora import export_lora
+from ..conversion.checkpoints import MODEL_CLASSES, load_pretrained, load_safetensors, torch_load_safely
 from .recipe import Recipe, save_recipe
-from .families import apply_lora, condition, flow_schedule, model_family, text_inputs
+from .families import FULLY_TRAINED_WITH_LORA, apply_lora, condition, flow_schedule, model_family, text_inputs
+from .position_fade import PositionFade, suspended
 from .trainstep import diffusion_loss, ema_decay, flow_training_loss, learning_rate
-from .runstate import (ResumableSampler, SeededItems, finish_checkpoint, partial_dir, read_state, resolve_resume,
-                       rng_state, set_rng_state, update_ema, write_state)
+from .runstate import (ResumableSampler, SeededItems, finish_checkpoint, list_checkpoints, partial_dir, read_state,
+                       resolve_resume, rng_state, set_rng_state, update_ema, write_state)
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +57,7 @@ class Run:
     text_encoder: Optional[object] = None  # data.text encoder(s): captions of uncached data, validation prompts
     null_text: Optional[Dict] = None  # the empty prompt's token fields on the device, for caption dropout
     flow: Optional[object] = None  # flow.FlowSchedule when the objective is rectified flow (SD3)
+    fade: Optional[PositionFade] = None  # the source's table fading out (recipe position_fade_images)
 
     @property
     def config(self):
@@ -69,16 +74,8 @@ def load_vae(vae: Optional[str], device):
     """AutoencoderKL from a local folder (its own or a pipeline's vae/) or hub id; None for pixel-space models."""
     if vae is None:
         return None
-    from diffusers import AutoencoderKL
-
-    from ..inference.sampling import vae_location
-    try:
-        path, sub = vae_location(vae)
-        model = AutoencoderKL.from_pretrained(path, subfolder=sub or None)
-    except Exception as e:
-        raise ConfigError(f"--vae {vae}: cannot load an AutoencoderKL ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:150] if str(e) else ''})") from None
-    return model.to(device).eval().requires_grad_(False)
+    from ..inference.vae import assemble_vae
+    return assemble_vae(vae, ConfigError).to(device).eval().requires_grad_(False)
 
 
 def setup(model_dir: str, data, recipe: Recipe, output_dir: str, resume: Optional[str] = None,
@@ -95,9 +92,9 @@ def setup(model_dir: str, data, recipe: Recipe, output_dir: str, resume: Optiona
     from ..data.images import open_training_data
     output_dir, model_path = Path(output_dir), Path(model_dir)
     if not (model_path / "config.json").is_file():
-        raise ConfigError(f"{model_dir}: not a model folder (no config.json); run `ledit-convert surgery` first")
+        raise CheckpointError(f"{model_dir}: not a model folder (no config.json); run `ledit-convert surgery` first")
     family = model_family(model_path)
-    model = MODEL_CLASSES[family].from_pretrained(model_path)
+    model = load_pretrained(MODEL_CLASSES[family], model_path)
     cfg = model.config
     text = family != "dit"
     num_classes = 0 if text else cfg.num_classes
@@ -120,7 +117,7 @@ def setup(model_dir: str, data, recipe: Recipe, output_dir: str, resume: Optiona
 
     # data: validated before the first step, with a one-line reason on failure (flips themselves come from
     # SeededItems; a latent cache checks here that it has flip variants)
-    from ..inference.sampling import vae_scale_factor
+    from ..inference.vae import check_vae_fits, vae_scale_factor
     if isinstance(data, (str, Path)):
         from ..data.images import detect_data_kind
         kind = detect_data_kind(data) if recipe.data_kind == "auto" else recipe.data_kind
@@ -137,6 +134,10 @@ def setup(model_dir: str, data, recipe: Recipe, output_dir: str, resume: Optiona
             check_labels(dataset.labels, cfg.num_classes, type(data).__name__)
         factor = vae_scale_factor(recipe.vae, ConfigError)
     is_latents = hasattr(dataset, "posterior")
+    if not is_latents:  # an image dataset with no readable image stops here, before the run folder is made
+        dataset.load(0)
+    if _uses_vae(recipe, is_latents):  # encodes the batches, or decodes validation and evaluation samples
+        check_vae_fits(recipe.vae, cfg, family, str(model_path), ConfigError)
     channels, side = (dataset.latent_shape[0], dataset.latent_shape[-1]) if is_latents else \
         (3 if recipe.vae is None else cfg.in_channels, recipe.resolution // factor)
     if side % cfg.patch_size or channels != cfg.in_channels:
@@ -151,10 +152,13 @@ def setup(model_dir: str, data, recipe: Recipe, output_dir: str, resume: Optiona
     model.set_attention_backend(recipe.attention_backend)
     if recipe.gradient_checkpointing:
         model.enable_gradient_checkpointing()
+    base_model = model  # LoRA wraps it and injects its layers in place
     if recipe.lora_rank > 0:
         model = apply_lora(model, recipe, family)
     model.train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
+    # after the EMA copy: the fading table hooks the trained model only, so the EMA and exports never have it
+    fade = PositionFade(base_model, recipe.position_fade_images) if recipe.position_fade_images else None
     trainable = [p for p in model.parameters() if p.requires_grad]
     ema_trainable = [p for p, q in zip(ema.parameters(), model.parameters()) if q.requires_grad]
     fused = accelerator.device.type == "cuda"
@@ -170,7 +174,7 @@ def setup(model_dir: str, data, recipe: Recipe, output_dir: str, resume: Optiona
     run = Run(accelerator, recipe, prepared, model, ema, trainable, ema_trainable, optimizer, None,
               DiffusionSchedule(), vae, step_generator, output_dir, model_path, micro_batch,
               compile_pending=recipe.compile, family=family, text_encoder=text_encoder, null_text=null_text,
-              flow=flow)
+              flow=flow, fade=fade)
     consumed = 0
     if resume_from is not None:
         consumed = _load_checkpoint(run, resume_from)
@@ -226,7 +230,7 @@ def _heldout_inputs(run: Run, heldout):
     from ..data.images import open_training_data
     cfg, recipe = run.config, run.recipe
     if isinstance(heldout, (str, Path)):
-        from ..inference.sampling import vae_scale_factor
+        from ..inference.vae import vae_scale_factor
         factor = vae_scale_factor(recipe.vae, ConfigError)
         heldout = open_training_data(heldout, recipe.resolution, getattr(cfg, "num_classes", 0),
                                      patch_size=cfg.patch_size, random_flip=False, vae_downsample=factor,
@@ -241,6 +245,13 @@ def _heldout_inputs(run: Run, heldout):
     own = torch.Generator(device=run.accelerator.device).manual_seed(recipe.eval_seed)
     x0 = _encode(run, x, own) if not hasattr(heldout, "posterior") else x
     return x0.cpu(), labels
+
+
+def _uses_vae(recipe: Recipe, is_latents: bool) -> bool:
+    """Whether a run loads the recipe's VAE: to encode image batches, or to decode validation or evaluation samples
+    within its steps."""
+    return recipe.vae is not None and (not is_latents or any(
+        0 < every <= recipe.steps for every in (recipe.validate_every, recipe.eval_every)))
 
 
 def _decoder(run: Run):
@@ -311,7 +322,7 @@ def train_step(run: Run, batch) -> torch.Tensor:
         if not is_compile_error(e):
             raise
         logger.warning("torch.compile failed (%s: %s); training continues in eager mode", type(e).__name__,
-                       str(e).splitlines()[0] if str(e) else "")
+                       first_line(e))
     uncompile_blocks(run.model)
     for param in run.trainable:  # a failed backward may have left partial gradients
         param.grad = None
@@ -333,6 +344,8 @@ def train(run: Run, progress: Optional[Callable[[Dict], None]] = None,
         lr = learning_rate(run.step, recipe.learning_rate, recipe.lr_warmup_steps)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
+        if run.fade is not None:
+            run.fade.set_images_seen(run.step * recipe.global_batch_size)
         for _ in range(recipe.gradient_accumulation_steps):
             loss_sum += train_step(run, next(data))
             loss_count += 1
@@ -391,10 +404,10 @@ def _load_checkpoint(run: Run, folder: Path) -> int:
     if state["num_processes"] != acc.num_processes:
         raise ConfigError(f"{folder}: saved with {state['num_processes']} process(es), resumed with "
                           f"{acc.num_processes}; the data order would change")
-    run.raw_model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
-    run.ema.load_state_dict(load_file(str(folder / "ema.safetensors")), strict=True)
-    run.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
-    set_rng_state(torch.load(folder / f"rng_{acc.process_index}.pt", weights_only=True), run.step_generator)
+    run.raw_model.load_state_dict(load_safetensors(folder / "model.safetensors"), strict=True)
+    run.ema.load_state_dict(load_safetensors(folder / "ema.safetensors"), strict=True)
+    run.optimizer.load_state_dict(torch_load_safely(folder / "optimizer.pt"))
+    set_rng_state(torch_load_safely(folder / f"rng_{acc.process_index}.pt"), run.step_generator)
     run.step = state["step"]
     run.skipped_images = state.get("skipped_images", 0)
     return state["consumed_per_process"]
@@ -408,9 +421,11 @@ def _ema_note(recipe: Recipe) -> str:
 
 
 def _write_ema_folder(run: Run, out: Path, extra: Dict) -> None:
-    """The EMA weights as a model folder (surgery's format), LoRA merged; main process only."""
+    """The EMA weights as a model folder (surgery's format), LoRA merged; with LoRA also `<out>-lora/`, the adapter in
+    diffusers' format and the fully trained modules, for the folder the fine-tune started from; main process only."""
     ema = copy.deepcopy(run.ema).cpu().float()
     if run.recipe.lora_rank > 0:
+        export_lora(ema, out.parent / f"{out.name}-lora", FULLY_TRAINED_WITH_LORA[run.family])  # before the merge
         ema = ema.merge_and_unload()
     prov = provenance_record(run.model_dir, None, "ledit", {"recipe": run.recipe.to_dict()},
                              [f"fine-tuned {run.step} steps ({_ema_note(run.recipe)})"])
@@ -435,8 +450,9 @@ def evaluate_now(run: Run) -> List[Dict]:
     def on_best(row):
         _write_ema_folder(run, run.output_dir / "best", {"evaluation": row})
         run.evaluator.write_best()
-    rows = run.evaluator.evaluate(run.step, {"ema": run.ema, "raw": run.raw_model},
-                                  run.step * run.recipe.global_batch_size, on_best)
+    with suspended(run.raw_model):  # the raw weights are evaluated as they will be exported: without a fading table
+        rows = run.evaluator.evaluate(run.step, {"ema": run.ema, "raw": run.raw_model},
+                                      run.step * run.recipe.global_batch_size, on_best)
     run.accelerator.wait_for_everyone()
     return rows
 
@@ -484,12 +500,35 @@ def validation_grids(run: Run) -> List[Path]:
     return saved
 
 
+def _outermost_missing(path: Path) -> Optional[Path]:
+    """The outermost folder of `path` that does not exist yet (the first a new run makes), or None."""
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing = folder
+    return missing
+
+
+def _drop_unfinished_run(output_dir: Path, created: Path) -> None:
+    """Remove the folders a new run made (main process) when it holds no complete checkpoint to resume from."""
+    if os.environ.get("RANK", "0") == "0" and created.exists() and not list_checkpoints(output_dir):
+        shutil.rmtree(created, ignore_errors=True)
+
+
 def finetune(model_dir: str, data: str, recipe: Recipe, output_dir: str, resume: Optional[str] = None,
              progress: Optional[Callable[[Dict], None]] = None, validate: Optional[Callable[[Run], None]] = None,
              heldout=None) -> Dict:
-    """setup -> train -> export; returns a summary (steps, logged losses, skipped images, model path)."""
-    run = setup(model_dir, data, recipe, output_dir, resume, heldout)
-    summary = train(run, progress, validate)
+    """setup -> train -> export; returns a summary (steps, logged losses, skipped images, model path). A new run that
+    fails before its first checkpoint removes the run folder it made."""
+    created = _outermost_missing(Path(output_dir))
+    try:
+        run = setup(model_dir, data, recipe, output_dir, resume, heldout)
+        summary = train(run, progress, validate)
+    except BaseException:
+        if created is not None:
+            _drop_unfinished_run(Path(output_dir), created)
+        raise
     summary["model"] = str(export_ema(run, summary))
     if run.evaluator is not None:
         summary["evaluations"] = len(run.evaluator.rows)

@@ -45,6 +45,9 @@ class Recipe:
     ema_half_life_images: Optional[float] = None
     ema_rampup_ratio: Optional[float] = None  # EDM: 0.05
     lr_warmup_steps: int = 0  # linear LR warm-up; DiT has none
+    # > 0: the source's sin/cos table, cut at surgery, is added back to the patch embedding with a weight falling
+    # linearly from 1 to 0 over this many training images (training only: evaluations and exports have no table)
+    position_fade_images: int = 0
     class_dropout: float = 0.1  # DiT: labels dropped to the null class for CFG; PixArt, SD3: captions to the empty prompt
     objective: str = "auto"  # diffusion (DiT's, for DiT and PixArt) | flow (SD3's rectified flow); auto: the family's
     flow_shift: float = 3.0  # rectified flow: SD3's timestep shift
@@ -118,6 +121,8 @@ class Recipe:
             p.append("ema_rampup_ratio needs ema_half_life_images")
         if self.lr_warmup_steps < 0:
             p.append(f"lr_warmup_steps {self.lr_warmup_steps} must be >= 0")
+        if self.position_fade_images < 0:
+            p.append(f"position_fade_images {self.position_fade_images} must be >= 0 (0: no fade)")
         if self.learning_rate <= 0:
             p.append(f"learning_rate {self.learning_rate} must be positive")
         if self.lora_rank < 0:
