@@ -5,9 +5,10 @@
 
 Arms, measured in one run with the same random latents, batch and optimizer (AdamW, fused on CUDA):
   (a) diffusers DiTTransformer2DModel, (b) our model in DiT mode, (c) our LEDiT (alternating causal
-  blocks, scan d, locality conv, dilation in training). Each step is forward + MSE + backward +
-  optimizer step. Prints a table (step time, images/s, peak memory, model FLOPs utilisation) and
-  one JSON line; ratios are against (a). --compile compiles every arm's transformer blocks the same
+  blocks, scan d, locality conv, dilation in training), (d) "rope", our DiT-RoPE (the paper's baseline: no
+  table, axial 2D RoPE on q and k in every block). Each step is forward + MSE + backward + optimizer step.
+  Prints a table (step time, images/s, peak memory, model FLOPs utilisation) and one JSON line; ratios are
+  against (a), and `ratio_vs_ledit` against (c) (the RoPE fine-tune should cost no more than LEDiT's). --compile compiles every arm's transformer blocks the same
   way (regional torch.compile, ledit_convert.models.compiling). Peak memory: allocator peak on CUDA; on the
   CPU, the peak RSS of a child process that builds and trains only that arm.
 """
@@ -49,6 +50,9 @@ def build(arm: str, depth: int, hidden: int, heads: int, latent: int):
                   num_layers=depth, num_attention_heads=heads, num_classes=1000)
     if arm == "dit":
         return LEDiTTransformer2DModel(**common, position_encoding="sincos", locality="none",
+                                       attention_scaling="none")
+    if arm == "rope":
+        return LEDiTTransformer2DModel(**common, position_encoding="rope2d", locality="none",
                                        attention_scaling="none")
     layout = ["self" if i % 2 == 0 else "causal" for i in range(depth)]
     return LEDiTTransformer2DModel(**common, position_encoding="none", attention_layout=layout, locality="full")
@@ -131,7 +135,7 @@ def main():
     parser.add_argument("--grad-ckpt", action="store_true", help="Gradient checkpointing in every arm.")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="Accelerator peak for MFU (default: 989 for bf16/fp16 on H100/H200, else none).")
-    parser.add_argument("--arms", default="diffusers,dit,ledit")
+    parser.add_argument("--arms", default="diffusers,dit,ledit,rope")
     parser.add_argument("--rss-only", action="store_true", help=argparse.SUPPRESS)  # the child of cpu_peak_rss
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -159,19 +163,22 @@ def main():
         rows[arm] = {"step_s": seconds, "images_per_s": args.batch / seconds, "peak_mem_gib": mem / 1024 ** 3,
                      "tflops": flops / seconds / 1e12,
                      "mfu": (flops / seconds / 1e12 / peak_tflops) if peak_tflops else None}
-    base = rows.get("diffusers")
+    base, ledit = rows.get("diffusers"), rows.get("ledit")
     for row in rows.values():
         row["ratio_vs_diffusers"] = row["step_s"] / base["step_s"] if base else None
+        row["ratio_vs_ledit"] = row["step_s"] / ledit["step_s"] if ledit else None
     name = f"DiT-{args.variant}/2 latent {args.latent} ({tokens} tokens) batch {args.batch} {args.dtype} on {device}"
     if device.type == "cuda":
         name += f" ({torch.cuda.get_device_name()})"
     print(name + (" compiled" if args.compile else ""))
-    print(f"{'arm':12}{'step ms':>10}{'img/s':>10}{'peak GiB':>10}{'TFLOP/s':>10}{'MFU':>8}{'vs (a)':>9}")
+    print(f"{'arm':12}{'step ms':>10}{'img/s':>10}{'peak GiB':>10}{'TFLOP/s':>10}{'MFU':>8}{'vs (a)':>9}"
+          f"{'vs ledit':>9}")
     for arm, r in rows.items():
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         ratio = f"{r['ratio_vs_diffusers']:.3f}x" if r["ratio_vs_diffusers"] else "-"
+        vs_ledit = f"{r['ratio_vs_ledit']:.3f}x" if r["ratio_vs_ledit"] else "-"
         print(f"{arm:12}{1000 * r['step_s']:10.1f}{r['images_per_s']:10.1f}{r['peak_mem_gib']:10.2f}"
-              f"{r['tflops']:10.2f}{mfu:>8}{ratio:>9}")
+              f"{r['tflops']:10.2f}{mfu:>8}{ratio:>9}{vs_ledit:>9}")
     print(json.dumps({"config": vars(args), "forward_gmacs_per_image": forward_macs(depth, hidden, tokens) / 1e9,
                       "torch": torch.__version__, "rows": rows}))
 

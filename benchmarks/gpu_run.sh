@@ -1,5 +1,9 @@
 #!/usr/bin/env bash
-# The prepared GPU run of the replication: correctness on the GPU first, then the arms in priority order.
+# The prepared GPU run of the replication: correctness on the GPU first, then the arms in priority order. The user's
+# question comes first: the base, then LEDiT and the DiT-RoPE fine-tune at seed 0 trained together and scored at 1x,
+# 1.5x and 2x with every method (RoPE: extrapolated, VisionNTK, VisionYaRN, RIFLEx, DyPE; the base's sin/cos table:
+# extrapolated, interpolated, NTK, DyPE interpolation), the paper's Table 2 in miniature; then the ablations and the
+# budget sweep.
 # Everything worth keeping lands in $OUT as it is made (at most 8 files, none over 16 MiB):
 #   machine.txt  check.log  replicate.log  rows.jsonl  results.md  report.tgz  best-ledit.tgz  shapes-dit-base.pt
 #   OUT=/tmp/gpu-out bash benchmarks/gpu_run.sh                               # on the GPU machine (9 minutes)

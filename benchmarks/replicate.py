@@ -8,7 +8,11 @@ Geometry as in the paper: a 16x16 token grid at the base size (32 px, patch 2, p
 and 2x per side (2.25x and 4x the tokens) and at 48x64 (height x width). It decides between the candidate
 causes of LEDiT losing at short budgets, in priority order:
   0. the base DiT (sin/cos PE), trained at the base size and measured along the way (is it right?);
-  1. seed 0 of every fine-tune arm at the main budget, all at once: the DiT trained further (compute-matched
+  H. Table 2 in miniature, first: LEDiT and the paper's DiT-RoPE baseline (surgery to 2D RoPE, fine-tuned with
+     LEDiT's budget and schedule) trained together at seed 0, the RoPE model scored extrapolated and with
+     VisionNTK, VisionYaRN, RIFLEx and DyPE, the base's table extrapolated, interpolated, NTK-scaled and
+     interpolated with DyPE's timestep dependence, at 1x, 1.5x and 2x;
+  1. seed 0 of every other fine-tune arm at the main budget, all at once: the DiT trained further (compute-matched
      control), NoPE, NoPE + causal, NoPE + conv, LEDiT, the scan ablation (a, b, c, d in both readings) and
      LEDiT with the token norm matched at surgery; every arm with the same LR schedule and EMA half-life;
   2. the budget sweep: LEDiT and the DiT trained further go on to 32x the first sweep point, evaluated at each
@@ -45,7 +49,7 @@ from ledit_convert.training.periodic import EvalPlan, heldout_loss, sample_image
 from ledit_convert.training.position_fade import suspended  # noqa: E402
 from ledit_convert.replication.probe import norm_matching_factor, probe_model, rescale_patch_embedding  # noqa: E402
 from ledit_convert.replication.shapes import ShapesDataset  # noqa: E402
-from ledit_convert.conversion.surgery import SurgeryOptions, convert  # noqa: E402
+from ledit_convert.conversion.surgery import SurgeryOptions, convert, surgery_options  # noqa: E402
 
 BASE = 32
 RESOLUTIONS = [(32, 32), (48, 48), (64, 64), (48, 64)]
@@ -84,12 +88,35 @@ ARMS = {  # name -> how its model starts: the base trained further, surgery on t
     "ledit+fade": dict(init="surgery", surgery=SurgeryOptions(), fade=True),  # the table fades out, not cut
     "ledit-scratch": dict(init="scratch", layout="alternate"),
     "ledit-scratch-refined": dict(init="scratch", layout="first", post_norm=True),  # the paper's dagger rows
+    # the paper's DiT-RoPE: the table replaced by 2D RoPE, stock blocks; scored with every RoPE scaling
+    "rope": dict(init="surgery", surgery=surgery_options("rope2d"), scalings=("ntk", "yarn", "riflex", "dype")),
 }
+HEADLINE = ["ledit", "rope"]  # trained first and together: the user's question (which method at 2x?) before the rest
+BASE_SCALINGS = ("interpolate", "ntk", "dype-interpolate")  # the base's table, besides DiT's own extrapolation
+# Table 2 in miniature: (row title, arm name in rows.jsonl), the paper's order
+TABLE2 = [("DiT sin/cos, extrapolated", "dit-extrapolate"), ("DiT sin/cos, interpolated (PI)", "dit-interpolate"),
+          ("DiT sin/cos, NTK", "dit-ntk"), ("DiT sin/cos, DyPE interpolation", "dit-dype-interpolate"),
+          ("DiT-RoPE, extrapolated", "rope"), ("DiT-RoPE, VisionNTK", "rope-ntk"),
+          ("DiT-RoPE, VisionYaRN", "rope-yarn"), ("DiT-RoPE, RIFLEx", "rope-riflex"), ("DiT-RoPE, DyPE (YaRN)", "rope-dype"),
+          ("LEDiT", "ledit")]
 PHASE1 = ["ledit", "dit-continued", "nope+causal", "ledit+fade", "ledit-scan-d2", "ledit-scan-a", "ledit-scan-b",
           "ledit-scan-c", "nope", "nope+conv", "ledit+norm"]
 SWEEP_ARMS = ["ledit", "dit-continued"]
 PHASE3_SEEDED = ["ledit", "ledit-scan-d2", "nope+causal", "dit-continued"]
 PHASE3_SCRATCH = ["ledit-scratch", "ledit-scratch-refined"]
+
+
+def scaled_name(arm: str, scaling: str) -> str:
+    """The rows' name of an arm scored with a position scaling: rope-yarn, dit-ntk."""
+    return f"{arm}-{scaling}"
+
+
+def scored_names() -> set:
+    """Every arm name rows may carry: the arms, the base and its baselines, the arms' scaled variants."""
+    names = set(ARMS) | {"base", "dit-extrapolate", "upscale"} | {scaled_name("dit", m) for m in BASE_SCALINGS}
+    return names | {scaled_name(n, m) for n, spec in ARMS.items() for m in spec.get("scalings", ())}
+
+
 LEDIT_FAMILY = ("ledit", "ledit-scan-a", "ledit-scan-b", "ledit-scan-c", "ledit-scan-d2", "ledit+norm", "ledit+fade",
                 "ledit-scratch", "ledit-scratch-refined")
 SCAN_TABLE = [("(a) one_dimension", "ledit-scan-a"), ("(b) mask_lower_right", "ledit-scan-b"),
@@ -345,6 +372,8 @@ class Experiment:
         if not (folder / "config.json").exists():
             arm.export(folder)
         self.score(arm.ema, name, seed, budget, "ema", resolutions)
+        for scaling in ARMS.get(name, {}).get("scalings", ()):  # the same EMA weights, its positions scaled
+            self.score(arm.ema, scaled_name(name, scaling), seed, budget, "ema", resolutions, position_mode=scaling)
         arm.join()  # the raw weights are read on this stream after the arm's queued updates
         with suspended(arm.model):  # an arm's fading table is for training only
             self.score(arm.model, name, seed, budget, "raw", [r for r in RAW_RESOLUTIONS if r in resolutions])
@@ -372,6 +401,8 @@ CHECKED_PATHS = {
                                                                                locality="none"),
     "is_causal SDPA + conv (scan a)": dict(attention_layout="alternate", causal_scan="one_dimension"),
     "boolean-mask SDPA + conv (scans b, c, d)": dict(attention_layout="alternate"),
+    "self-attention, 2D RoPE (the DiT-RoPE baseline)": dict(position_encoding="rope2d", locality="none",
+                                                             attention_scaling="none"),
 }
 
 
@@ -433,10 +464,12 @@ def phase_base(exp: Experiment) -> None:
 
 
 def phase_baselines(exp: Experiment) -> None:
-    """The base with its table extrapolated and interpolated, and its base-size samples upscaled."""
+    """The base with its table extrapolated, interpolated, NTK-scaled and interpolated with DyPE's timestep
+    dependence (all equal at the base size), and its base-size samples upscaled."""
     base = exp.base_model().to(exp.device)
     exp.score(base, "dit-extrapolate", 0, 0, "ema", RESOLUTIONS, position_mode="extrapolate")
-    exp.score(base, "dit-interpolate", 0, 0, "ema", RESOLUTIONS[1:], position_mode="interpolate")
+    for scaling in BASE_SCALINGS:
+        exp.score(base, scaled_name("dit", scaling), 0, 0, "ema", RESOLUTIONS[1:], position_mode=scaling)
     from PIL import Image
     plan = exp.plan()
     small = sample_images(base.to(exp.device).eval(), (BASE, BASE), plan.samples, plan, None, "extrapolate")
@@ -467,13 +500,24 @@ def train_and_score(exp: Experiment, plan: dict, title: str) -> None:
             break
 
 
-def phase_first_seed(exp: Experiment) -> None:
-    """Every fine-tune arm at the first seed to the main budget, together; the sweep arms scored on the way."""
+def first_seed_plan(exp: Experiment, names) -> dict:
+    """train_and_score's plan for arms at the first seed to the main budget; sweep arms scored on the way."""
     seed, main = exp.cfg["seeds"][0], exp.cfg["main_budget"]
     early = [p for p in exp.cfg["sweep"] if p < main]
-    plan = {(n, seed): (exp.open_arm(n, seed), (early if n in SWEEP_ARMS else []) + [main], main)
-            for n in PHASE1 if exp.wanted(n)}
-    train_and_score(exp, plan, "arms")
+    return {(n, seed): (exp.open_arm(n, seed), (early if n in SWEEP_ARMS else []) + [main], main)
+            for n in names if exp.wanted(n)}
+
+
+def phase_headline(exp: Experiment) -> None:
+    """Table 2 in miniature: LEDiT and DiT-RoPE at the first seed to the main budget, together, each scored at every
+    size (the RoPE model with every scaling), then the base's baselines."""
+    train_and_score(exp, first_seed_plan(exp, HEADLINE), "LEDiT and DiT-RoPE")
+    phase_baselines(exp)
+
+
+def phase_first_seed(exp: Experiment) -> None:
+    """Every other fine-tune arm at the first seed to the main budget, together; the sweep arms scored on the way."""
+    train_and_score(exp, first_seed_plan(exp, [n for n in PHASE1 if n not in HEADLINE]), "arms")
 
 
 def phase_rest(exp: Experiment) -> None:
@@ -530,6 +574,12 @@ def write_report(exp: Experiment) -> None:
     name = lambda r: r["arm"] + (f" (n={r['seeds']})" if r["seeds"] > 1 else "")  # noqa: E731
     md = [f"# Replication ({exp.args.scale} scale, {exp.args.features} features)\n\n",
           f"`{json.dumps({k: v for k, v in exp.meta.items() if k != 'phases'})}`\n"]
+    table2 = dict((arm, title) for title, arm in TABLE2)
+    for metric in ("fid", "single_object_rate"):
+        md.append(f"\n## Table 2 in miniature, {metric}, main budget ({millions(main)} images), EMA "
+                  "(every scaling is the plain model at 32)\n\n")
+        md.append(_table(summary, metric, lambda r: at_main(r) and r["arm"] in table2,
+                         lambda r: table2[r["arm"]] + (f" (n={r['seeds']})" if r["seeds"] > 1 else "")))
     for metric in ("fid", "single_object_rate", "object_rate", "shape_accuracy"):
         md.append(f"\n## {metric}, main budget ({millions(main)} images), EMA\n\n")
         md.append(_table(summary, metric, lambda r: at_main(r) and r["arm"] in headline, name))
@@ -672,8 +722,8 @@ def main():
     phases = [
         ("check", lambda: phase_check(exp)),
         ("base", lambda: phase_base(exp)),
-        ("baselines", lambda: phase_baselines(exp)),
-        ("every arm, first seed", lambda: phase_first_seed(exp)),
+        ("LEDiT and DiT-RoPE, then the base's baselines", lambda: phase_headline(exp)),
+        ("every other arm, first seed", lambda: phase_first_seed(exp)),
         ("budget sweep, other seeds, from scratch", lambda: phase_rest(exp)),
     ]
     for title, run in phases:

@@ -97,25 +97,33 @@ def surgery(
     source: str = typer.Argument(..., help="DiT checkpoint (.pt/.safetensors file, diffusers folder, or hub id) "
                                  "or a diffusers PixArt transformer or pipeline folder."),
     output: Path = typer.Option(..., "-o", "--output", help="Folder to write the LEDiT model to."),
-    causal_layers: str = typer.Option("alternate", help="alternate | all | none | comma list of block indices."),
+    position: str = typer.Option("none", help="What replaces the sin/cos table: none (LEDiT) | rope2d (the paper's "
+                                 "DiT-RoPE baseline: 2D RoPE in every block; no causal blocks, no conv unless asked; "
+                                 "class-conditional DiTs only)."),
+    causal_layers: Optional[str] = typer.Option(None, help="alternate | all | none | comma list of block indices "
+                                                           "(default: alternate; none with --position rope2d)."),
     scan: str = typer.Option("mask_lower_right_corner", help=f"Causal scan: {' | '.join(CAUSAL_SCANS)} "
                              "(mask_lower_right_corner and row_or_column_major: two readings of the paper's (d))."),
-    locality: str = typer.Option("full", help="Locality conv: full | depthwise | none."),
+    locality: Optional[str] = typer.Option(None, help="Locality conv: full | depthwise | none (default: full; none "
+                                                      "with --position rope2d)."),
     kernel_size: int = typer.Option(3, help="Locality conv kernel size (odd)."),
     dilation_prob: float = typer.Option(0.1, help="Probability of a dilated conv at a training step."),
     dilation_rates: str = typer.Option("2", help="Comma list of dilations drawn when dilating."),
     post_norm: bool = typer.Option(False, "--post-norm", help="LayerNorm after the conv (from-scratch refinement)."),
-    attention_scaling: str = typer.Option("log", help="log | none: logit scaling at new resolutions."),
+    attention_scaling: Optional[str] = typer.Option(None, help="log | none: logit scaling at new resolutions "
+                                                               "(default: log; none with --position rope2d)."),
     weights: str = typer.Option("ema", help="For DiT train.py checkpoints: ema | model."),
     num_heads: Optional[int] = typer.Option(None, help="Attention heads, for non-standard widths."),
     image_size: Optional[int] = typer.Option(None, help="Training image size in pixels, when no pos_embed says it."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
 ):
-    """Convert a stock DiT into an LEDiT: drop the positional encoding, add causal blocks and the locality conv."""
-    from .conversion.surgery import SurgeryOptions, surgery_to_folder
-    opts = SurgeryOptions(causal_layers=causal_layers, scan=scan, locality=locality, kernel_size=kernel_size,
-                          dilation_prob=dilation_prob, dilation_rates=_int_list(dilation_rates, "--dilation-rates"),
-                          post_norm=post_norm, attention_scaling=attention_scaling)
+    """Convert a stock DiT into an LEDiT: drop the positional encoding, add causal blocks and the locality conv (or,
+    with --position rope2d, into the paper's DiT-RoPE baseline)."""
+    from .conversion.surgery import surgery_options, surgery_to_folder
+    opts = surgery_options(position, causal_layers=causal_layers, scan=scan, locality=locality,
+                           kernel_size=kernel_size, dilation_prob=dilation_prob,
+                           dilation_rates=_int_list(dilation_rates, "--dilation-rates"), post_norm=post_norm,
+                           attention_scaling=attention_scaling)
     with console.status(f"converting {source}"):
         result = surgery_to_folder(source, output, opts, weights=weights, num_heads=num_heads,
                                    image_size=image_size, overwrite=overwrite)
@@ -199,7 +207,13 @@ def sample(
                                                        "| dpm (PixArt's default)."),
     attention_scaling: Optional[str] = typer.Option(None, help="log | none (default: the model's setting)."),
     causal_to_self_below: Optional[int] = typer.Option(None, help="Run causal blocks as self-attention for t < N."),
-    position_mode: Optional[str] = typer.Option(None, help="Stock DiT only: extrapolate | interpolate."),
+    position_scaling: Optional[str] = typer.Option(None, help="How positions meet a size other than the training one: "
+                                                              "sin/cos models (stock DiT, PixArt, SD3 within its "
+                                                              "table) extrapolate | interpolate | ntk | "
+                                                              "dype-interpolate; 2D RoPE models none | pi | ntk | yarn "
+                                                              "| riflex | dype | dype-pi | dype-ntk."),
+    position_mode: Optional[str] = typer.Option(None, help="The older name of --position-scaling (extrapolate | "
+                                                           "interpolate)."),
     npz: bool = typer.Option(False, "--npz", help="Also write an ADM-format batch (arr_0 uint8 NHWC) for FID."),
     no_png: bool = typer.Option(False, "--no-png", help="Skip the per-image PNGs."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder."),
@@ -218,6 +232,12 @@ def sample(
 ):
     """Generate class-conditional images, or text-to-image ones (PixArt, SD3) from prompts, at any height and width."""
     from rich.progress import Progress
+
+    from .errors import ConfigError
+    if position_mode and position_scaling and position_mode != position_scaling:
+        raise ConfigError(f"--position-mode {position_mode} and --position-scaling {position_scaling} disagree; "
+                          "pass one")
+    position_mode = position_scaling or position_mode
 
     from .inference.sampling import sample_images
     from .data.text import read_prompts
@@ -311,8 +331,9 @@ class _TrainingProgress:
                     "--reference 512=ref512/ --reference 384x512=ref384x512/ --num-samples 10000 -o eval/")
 @reported
 def evaluate(
-    model: List[str] = typer.Option(..., help="[NAME=]PATH[@extrapolate|@interpolate], repeatable. PATH: a model "
-                                              "folder or a DiT checkpoint file (run in DiT mode)."),
+    model: List[str] = typer.Option(..., help="[NAME=]PATH[@METHOD], repeatable. PATH: a model folder or a DiT "
+                                              "checkpoint file (run in DiT mode); METHOD: its position scaling, as "
+                                              "`sample --position-scaling` (rope@yarn, dit@interpolate)."),
     resolutions: str = typer.Option(..., help="Comma list of N or HxW (pixels, height x width)."),
     reference: List[str] = typer.Option(..., help="PATH for all resolutions or RES=PATH; an image folder, an ADM "
                                                   "npz batch (arr_0), or a stats npz (mu, sigma)."),

@@ -85,9 +85,19 @@ def _conv2d(image, weight, bias, dilation, groups):
     return out
 
 
+def rotate_complex(x, angles, magnitude):
+    """RoPE as complex multiplication: channel pairs (2j, 2j+1) as x_2j + i x_2j+1, times magnitude * e^(i angle_j);
+    `angles` is (B or 1, N, head_dim/2), `magnitude` (B or 1,)."""
+    z = torch.complex(x[..., 0::2], x[..., 1::2])
+    turn = torch.polar(magnitude[:, None, None] * torch.ones_like(angles), angles)[:, None]  # (B, 1, N, hd/2)
+    out = z * turn
+    return torch.stack([out.real, out.imag], dim=-1).flatten(-2)
+
+
 def reference_forward(sd, cfg, x, t, y, *, pos="sincos", pos_table=None, layout=None, scan=None,
-                      logit_factor=1.0, freq_shift=0, mlp_eps=1e-6, conv=None, dilation=1):
-    """float64 forward of a DiT/LEDiT from a facebookresearch-format state dict."""
+                      logit_factor=1.0, freq_shift=0, mlp_eps=1e-6, conv=None, dilation=1, rope=None):
+    """float64 forward of a DiT/LEDiT from a facebookresearch-format state dict; `rope` = (angles, magnitude) turns
+    q and k of every block (a 2D RoPE DiT)."""
     sd = {k: v.double() for k, v in sd.items()}
     x = x.double()
     p, dim, heads = cfg["patch_size"], cfg["hidden_size"], cfg["num_attention_heads"]
@@ -118,6 +128,8 @@ def reference_forward(sd, cfg, x, t, y, *, pos="sincos", pos_table=None, layout=
         hidden = _ln(tokens, 1e-6) * (1 + sc1) + s1
         qkv = _linear(sd, pre + "attn.qkv", hidden).reshape(b, h * w, 3, heads, dh)
         q, k, v = qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
+        if rope is not None:
+            q, k = rotate_complex(q, *rope), rotate_complex(k, *rope)
         logits = q @ k.transpose(-1, -2) / math.sqrt(dh) * logit_factor
         if layout[i] == "causal":
             logits = logits.masked_fill(~visible(scan, h, w), float("-inf"))

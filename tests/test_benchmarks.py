@@ -18,9 +18,10 @@ def last_json(args):
 def test_bench_train_reports_every_arm():
     out = last_json([BENCH / "bench_train.py", "--variant", "S", "--latent", "8", "--batch", "2", "--steps", "1",
                      "--warmup", "1"])
-    assert set(out["rows"]) == {"diffusers", "dit", "ledit"}
+    assert set(out["rows"]) == {"diffusers", "dit", "ledit", "rope"}
     for row in out["rows"].values():
         assert row["step_s"] > 0 and row["images_per_s"] > 0 and row["ratio_vs_diffusers"] > 0
+        assert row["ratio_vs_ledit"] > 0
         assert row["peak_mem_gib"] > 0.1  # a child process's peak RSS on the CPU: torch alone is more
     assert out["rows"]["diffusers"]["ratio_vs_diffusers"] == 1.0
 

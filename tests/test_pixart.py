@@ -3,8 +3,6 @@ surgery on PixArt folders; reload in plain diffusers."""
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,7 +13,7 @@ from typer.testing import CliRunner
 from _tiny import randomize_
 from factories import rel_err
 from reference import _conv2d, _gelu_tanh, _ln, _silu, visible
-from test_surgery import RELOAD
+from test_surgery import RELOAD, run_without_ledit_convert
 from ledit_convert.conversion.checkpoints import read_checkpoint
 from ledit_convert.cli import app
 from ledit_convert.errors import CheckpointError, ConfigError
@@ -198,7 +196,8 @@ def test_surgery_copies_every_tensor_and_adds_a_zero_conv(pipeline_folder, tmp_p
     out = tmp_path / "ledit"
     result = surgery_to_folder(str(folder), out, SurgeryOptions())
     assert sorted(os.listdir(out)) == ["README.md", "config.json", "diffusion_pytorch_model.safetensors",
-                                       "modeling_ledit.py", "modeling_ledit_pixart.py", "provenance.json"]
+                                       "modeling_ledit.py", "modeling_ledit_pixart.py",
+                                       "modeling_ledit_positions.py", "provenance.json"]
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["_class_name"] == "LEDiTPixArtTransformer2DModel"
     assert cfg["auto_map"] == {"AutoModel": "modeling_ledit_pixart.LEDiTPixArtTransformer2DModel"}
@@ -257,17 +256,10 @@ def test_reload_in_plain_diffusers_without_ledit_convert(pipeline_folder, tmp_pa
     code = (out / "modeling_ledit_pixart.py").read_text()
     assert "\nfrom .modeling_ledit import " in code and "from .model import" not in code
     x, kwargs = pixart_inputs("sigma", 12, 8)
-    torch.save({"x": x, "kwargs": kwargs}, tmp_path / "in.pt")
-    script = tmp_path / "reload.py"
     reload = RELOAD.replace('model(data["x"], timestep=data["t"], class_labels=data["y"])',
                             'model(data["x"], **data["kwargs"])')
     assert reload != RELOAD
-    script.write_text(reload)
-    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, str(script), str(out), str(tmp_path / "in.pt"), str(tmp_path / "o.pt")],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    got = torch.load(tmp_path / "o.pt")
+    got = run_without_ledit_convert(tmp_path, out, {"x": x, "kwargs": kwargs}, reload)
     assert "ledit_convert" not in got["cls"] and "modeling_ledit_pixart" in got["cls"]
     assert torch.equal(got["out"], run(ours, x, kwargs))
 

@@ -33,7 +33,18 @@ def test_gpu_run_dry_run_trains_and_scores_every_arm_and_resumes(tmp_path):
             "replicate.log", "check.log", "machine.txt"} == set(files)
     cfg = replicate.SCALES["smoke"]
     arms = {r["arm"] for r in rows}
-    assert set(replicate.ARMS) | {"base", "dit-extrapolate", "dit-interpolate", "upscale"} == arms
+    assert replicate.scored_names() == arms
+    # Table 2 in miniature: the RoPE fine-tune with every scaling and the base's table with every one, at each size
+    for name in ["rope"] + [replicate.scaled_name("rope", m) for m in replicate.ARMS["rope"]["scalings"]]:
+        assert {r["resolution"] for r in rows if r["arm"] == name and r["budget"] == cfg["main_budget"]} == \
+            {"32", "48", "64", "48x64"}, name
+    for scaling in replicate.BASE_SCALINGS:
+        assert {r["resolution"] for r in rows if r["arm"] == replicate.scaled_name("dit", scaling)} == \
+            {"48", "64", "48x64"}
+    # at the base size every scaling is the plain model: the same samples, so the same scores
+    at32 = {r["arm"]: r["fid"] for r in rows if r["resolution"] == "32" and r["budget"] == cfg["main_budget"]
+            and r["weights"] == "ema" and r["arm"].startswith("rope")}
+    assert max(at32.values()) - min(at32.values()) < 1e-3 * max(at32.values()), at32
     # every trained arm: EMA at every size and raw weights at the base size and 2x, at its final budget
     for name in replicate.PHASE1:
         mine = {(r["weights"], r["resolution"]) for r in rows if r["arm"] == name and r["budget"] == cfg["main_budget"]}
@@ -49,7 +60,8 @@ def test_gpu_run_dry_run_trains_and_scores_every_arm_and_resumes(tmp_path):
         assert r["heldout_loss"] > 0 and -1.0 <= r["probe_row_r2_mid"] <= 1.0 and "probe_col_r2_in" in r
         assert 0.0 <= r["object_rate"] <= 1.0 and r["samples"] == cfg["samples"]
     results = (out / "results.md").read_text()
-    for heading in ("Scan ablation", "Budget curve", "Raw against EMA", "probe_row_r2_mid"):
+    for heading in ("Table 2 in miniature", "DiT-RoPE, VisionYaRN", "Scan ablation", "Budget curve", "Raw against EMA",
+                    "probe_row_r2_mid"):
         assert heading in results
     with tarfile.open(out / "best-ledit.tgz") as tar:
         names = tar.getnames()
@@ -78,8 +90,9 @@ def test_every_attention_path_the_gpu_check_covers_builds_and_steps_on_the_cpu()
         arm = Arm(model, data, ArmConfig(batch=2, lr=1e-3))
         arm.step()
         assert np.isfinite(arm.pop_losses())
-    # the arms' paths: the table without masks, is_causal (scan a), and the boolean mask of the 2D scans
-    assert kinds == {("sincos", None), ("none", "one_dimension"), ("none", "mask_lower_right_corner")}
+    # the arms' paths: the table without masks, is_causal (scan a), the boolean mask of the 2D scans, 2D RoPE
+    assert kinds == {("sincos", None), ("none", "one_dimension"), ("none", "mask_lower_right_corner"),
+                     ("rope2d", None)}
 
 
 def test_cpu_evidence_dry_run_writes_curves_and_scores_and_resumes(tmp_path):

@@ -3,8 +3,6 @@ against a float64 oracle with them on, past the table's size cap; surgery and a 
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,7 +13,7 @@ from _tiny import randomize_
 from factories import rel_err
 from reference import _conv2d, _gelu_tanh, _ln, _silu, visible
 from test_pixart import _lin, _mlp, _sinusoid
-from test_surgery import BLOCK_LEDIT_CONVERT
+from test_surgery import BLOCK_LEDIT_CONVERT, run_without_ledit_convert
 from ledit_convert.cli import app
 from ledit_convert.models.sd3 import LEDiTSD3Transformer2DModel
 
@@ -211,7 +209,8 @@ def test_surgery_copies_every_tensor_but_the_table_and_adds_a_zero_conv(pipeline
     out = tmp_path / "ledit"
     result = surgery_to_folder(str(folder), out, SurgeryOptions())
     assert sorted(os.listdir(out)) == ["README.md", "config.json", "diffusion_pytorch_model.safetensors",
-                                       "modeling_ledit.py", "modeling_ledit_sd3.py", "provenance.json"]
+                                       "modeling_ledit.py", "modeling_ledit_positions.py",
+                                       "modeling_ledit_sd3.py", "provenance.json"]
     written = load_file(out / "diffusion_pytorch_model.safetensors")
     source = ref.state_dict()
     assert set(written) == (set(source) - {"pos_embed.pos_embed"}) | {"locality_conv.conv.weight",
@@ -255,19 +254,13 @@ def test_reload_in_plain_diffusers_without_ledit_convert(pipeline_folder, tmp_pa
     code = (out / "modeling_ledit_sd3.py").read_text()
     assert "\nfrom .modeling_ledit import (" in code and "from .dit import" not in code
     x, kwargs = sd3_inputs(12, 8)
-    torch.save({"x": x, "kwargs": kwargs}, tmp_path / "in.pt")
     script = BLOCK_LEDIT_CONVERT + "\n".join([
         "import torch", "from diffusers import AutoModel",
         "model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True).eval()",
         "data = torch.load(sys.argv[2])",
         "with torch.no_grad():", "    out = model(data['x'], **data['kwargs']).sample",
         "torch.save({'out': out, 'cls': type(model).__module__}, sys.argv[3])", ""])
-    (tmp_path / "reload.py").write_text(script)
-    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, str(tmp_path / "reload.py"), str(out), str(tmp_path / "in.pt"),
-                           str(tmp_path / "o.pt")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    got = torch.load(tmp_path / "o.pt")
+    got = run_without_ledit_convert(tmp_path, out, {"x": x, "kwargs": kwargs}, script)
     assert "ledit_convert" not in got["cls"] and "modeling_ledit_sd3" in got["cls"]
     assert torch.equal(got["out"], run(ours, x, kwargs))
 

@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -48,7 +47,7 @@ def test_surgery_writes_a_self_describing_folder(dit_file, tmp_path):
     result = surgery_to_folder(str(src), out, SurgeryOptions(), num_heads=4)
     files = sorted(os.listdir(out))
     assert files == ["README.md", "config.json", "diffusion_pytorch_model.safetensors", "modeling_ledit.py",
-                     "provenance.json"]
+                     "modeling_ledit_positions.py", "provenance.json"]
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["_class_name"] == "LEDiTTransformer2DModel"
     assert cfg["auto_map"] == {"AutoModel": "modeling_ledit.LEDiTTransformer2DModel"}
@@ -67,7 +66,8 @@ def test_surgery_writes_a_self_describing_folder(dit_file, tmp_path):
     import hashlib
     assert prov["source"]["sha256"] == hashlib.sha256(src.read_bytes()).hexdigest() == result.sha256
     assert prov["options"]["scan"] == "mask_lower_right_corner" and prov["tool_version"]
-    assert (out / "modeling_ledit.py").read_text() == Path(dit_model.__file__).read_text()
+    assert (out / "modeling_ledit.py").read_text() == dit_model.remote_code_text(dit_model.__file__)
+    assert "\nfrom .modeling_ledit_positions import " in (out / "modeling_ledit.py").read_text()
 
 
 def test_converted_model_differs_from_dit_only_by_pe_and_causality(dit_file, tmp_path):
@@ -165,6 +165,21 @@ RELOAD = BLOCK_LEDIT_CONVERT + textwrap.dedent("""
 """)
 
 
+def run_without_ledit_convert(tmp_path, folder, data: dict, script_text: str = RELOAD) -> dict:
+    """`script_text` (argv: folder, inputs, output) in a fresh interpreter with its own diffusers module cache;
+    the dict it saved, after checking it ran without ledit_convert."""
+    torch.save(data, tmp_path / "in.pt")
+    script = tmp_path / "reload.py"
+    script.write_text(script_text)
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, str(script), str(folder), str(tmp_path / "in.pt"), str(tmp_path / "o.pt")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = torch.load(tmp_path / "o.pt")
+    assert "ledit_convert" not in got["cls"]
+    return got
+
+
 def test_reload_in_plain_diffusers_without_ledit_convert(dit_file, tmp_path):
     src, _ = dit_file
     out = tmp_path / "ledit"
@@ -175,14 +190,6 @@ def test_reload_in_plain_diffusers_without_ledit_convert(dit_file, tmp_path):
     ours.save_pretrained(out)  # safetensors only; config.json and code stay
     ours = LEDiTTransformer2DModel.from_pretrained(out).eval()
     x, t, y = inputs(height=8, width=12)
-    torch.save({"x": x, "t": t, "y": y}, tmp_path / "in.pt")
-    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
-    script = tmp_path / "reload.py"
-    script.write_text(RELOAD)
-    proc = subprocess.run([sys.executable, str(script), str(out), str(tmp_path / "in.pt"), str(tmp_path / "o.pt")],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    got = torch.load(tmp_path / "o.pt")
-    assert "ledit_convert" not in got["cls"]
+    got = run_without_ledit_convert(tmp_path, out, {"x": x, "t": t, "y": y})
     with torch.no_grad():
         assert torch.equal(got["out"], ours(x, t, y).sample)

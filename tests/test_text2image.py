@@ -328,3 +328,20 @@ def test_evaluate_with_a_prompts_file_scores_each_size_for_ledit_and_stock_pixar
     result = runner.invoke(app, ["evaluate", "--model", str(model), "--resolutions", "32", "--reference", str(ref),
                                  "--num-samples", "2", "--device", "cpu", "-o", str(tmp_path / "e2")])
     assert result.exit_code != 0 and "pass --prompt or --prompts-file" in result.output
+
+
+def test_a_stock_pixart_samples_with_the_sin_cos_scalings(tmp_path, pixart_pipeline):
+    runner = CliRunner()
+    base = ["--prompt", "a red square", "--num-samples", "1", "--steps", "2", "--height", "64", "--width", "64"]
+    images = {}
+    for scaling in (None, "interpolate", "ntk", "dype-interpolate"):
+        out = tmp_path / f"s-{scaling}"
+        extra = ["--position-scaling", scaling] if scaling else []
+        result = runner.invoke(app, ["sample", str(pixart_pipeline), *base, *extra, "-o", str(out)])
+        assert result.exit_code == 0, result.output
+        images[scaling] = np.asarray(Image.open(next(out.glob("000000*.png"))), dtype=np.int16)
+    assert np.abs(images[None] - images["interpolate"]).max() <= 1  # diffusers' own table is the interpolation
+    assert np.abs(images["ntk"] - images["interpolate"]).max() > 1
+    result = runner.invoke(app, ["sample", str(pixart_pipeline), *base, "--position-scaling", "yarn", "-o",
+                                 str(tmp_path / "bad")])
+    assert result.exit_code == 3 and "'yarn' does not apply to a model with a sin/cos table" in result.output

@@ -76,13 +76,13 @@ def save_weights(state_dict: Dict[str, torch.Tensor], path: Path) -> None:
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 
-def model_card(summary: Dict, changes: List[str], family: str = "dit") -> str:
-    """A short README.md for the output folder."""
+def model_card(summary: Dict, changes: List[str], family: str = "dit", target: str = "LEDiT") -> str:
+    """A short README.md for the output folder; `target` names what the model became (LEDiT, or DiT-RoPE)."""
     kind, tag = {"dit": ("class-conditional", "dit"), "pixart": ("text-to-image (PixArt)", "pixart"),
                  "sd3": ("text-to-image (SD3 MMDiT)", "sd3")}[family]
     lines = [
         "---", "library_name: diffusers", f"tags: [ledit, {tag}, {kind.split()[0]}, image-generation]", "---", "",
-        f"# {summary.get('variant', 'DiT')} converted to LEDiT",
+        f"# {summary.get('variant', 'DiT')} converted to {target}",
         "",
         f"A {kind} diffusion transformer converted by ledit-convert "
         f"{__version__} from `{summary.get('path')}` ({summary.get('format')}).",
@@ -90,7 +90,8 @@ def model_card(summary: Dict, changes: List[str], family: str = "dit") -> str:
         "Changes:",
         *[f"- {c}" for c in changes],
         "",
-        "The locality conv starts at zero: fine-tune"
+        ("The locality conv starts at zero: fine-tune" if target == "LEDiT" else
+         "Its blocks learned the sin/cos table, not RoPE: fine-tune")
         + (" (`ledit-convert finetune`)" if family == "dit" else "") + " before expecting quality at new resolutions.",
         "",
         "```python",

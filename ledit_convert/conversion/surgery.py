@@ -1,4 +1,5 @@
-"""Model surgery: small, pure steps that turn a stock DiT (or PixArt) into an LEDiT.
+"""Model surgery: small, pure steps that turn a stock DiT (or PixArt, SD3) into an LEDiT, or a stock DiT into the
+LEDiT paper's DiT-RoPE baseline (`position="rope2d"`: the table replaced by 2D RoPE in every block).
 
 Each step takes and returns (config, state_dict) and says what it did, so the written folder
 describes itself. Every tensor not named by a step is passed through untouched (bit-exact).
@@ -11,6 +12,7 @@ import torch
 from .checkpoints import SourceCheckpoint, check_against_model
 from ..errors import ConfigError
 from ..models.dit import ATTENTION_SCALINGS, CAUSAL_SCANS, LOCALITY_KINDS
+from ..models.positions import ROPE_BASE
 
 State = Tuple[Dict, Dict[str, torch.Tensor]]
 
@@ -27,6 +29,24 @@ class SurgeryOptions:
     dilation_rates: List[int] = field(default_factory=lambda: [2])  # the tables mark r = 2 as default
     post_norm: bool = False  # the from-scratch refinement only
     attention_scaling: str = "log"  # Jin et al. 2023; factor 1 at the training resolution
+    position: str = "none"  # what replaces the table: nothing (LEDiT) or "rope2d" (the paper's DiT-RoPE baseline)
+
+
+SURGERY_POSITIONS = ("none", "rope2d")
+TARGETS = {"none": "LEDiT", "rope2d": "DiT-RoPE (the LEDiT paper's 2D RoPE baseline)"}  # the model card's title
+# per position, what the layout options default to when not given: LEDiT's recipe, or for DiT-RoPE the stock blocks
+# (no causal blocks, no conv, no logit scaling: the baseline differs from the DiT only in its positions)
+POSITION_DEFAULTS = {"none": dict(causal_layers="alternate", locality="full", attention_scaling="log"),
+                     "rope2d": dict(causal_layers="none", locality="none", attention_scaling="none")}
+
+
+def surgery_options(position: str = "none", **given) -> SurgeryOptions:
+    """SurgeryOptions for `position` with the given values; a layout option given as None takes the position's
+    default (POSITION_DEFAULTS)."""
+    if position not in SURGERY_POSITIONS:
+        raise ConfigError(f"--position {position!r} is not one of {', '.join(SURGERY_POSITIONS)}")
+    values = {k: v for k, v in given.items() if v is not None}
+    return SurgeryOptions(position=position, **dict(POSITION_DEFAULTS[position], **values))
 
 
 def parse_causal_layers(spec: str, depth: int) -> List[str]:
@@ -61,6 +81,8 @@ def validate_options(opts: SurgeryOptions) -> None:
         problems.append(f"--dilation-prob {opts.dilation_prob} is not in [0, 1]")
     if not opts.dilation_rates or any(r < 1 for r in opts.dilation_rates):
         problems.append(f"--dilation-rates {opts.dilation_rates} must be positive integers")
+    if opts.position not in SURGERY_POSITIONS:
+        problems.append(f"--position {opts.position!r} is not one of {', '.join(SURGERY_POSITIONS)}")
     if opts.attention_scaling not in ATTENTION_SCALINGS:
         problems.append(f"--attention-scaling {opts.attention_scaling!r} is not one of {', '.join(ATTENTION_SCALINGS)}")
     if problems:
@@ -77,6 +99,14 @@ def drop_position_encoding(state: State) -> Tuple[State, str]:
     sd = {k: v for k, v in sd.items() if k not in stored}
     note = "removed the 2D sin/cos positional encoding" + (" (its stored table, and with it the size cap)" if stored else "")
     return (dict(config, position_encoding="none"), sd), note
+
+
+def add_rope(state: State) -> Tuple[State, str]:
+    """Rotate q and k of every block by axial 2D RoPE (base 10000; rows then columns in each head): the LEDiT
+    paper's DiT-RoPE. No tensor changes: RoPE has no weights."""
+    config, sd = state
+    return (dict(config, position_encoding="rope2d", rope_theta=ROPE_BASE), sd), \
+        f"2D RoPE in every block (base {ROPE_BASE:g}; half of each head by the row, half by the column)"
 
 
 def set_attention_layout(state: State, layout: List[str], scan: str, scaling: str) -> Tuple[State, str]:
@@ -116,13 +146,20 @@ def convert(source: SourceCheckpoint, opts: SurgeryOptions) -> Tuple[Dict, Dict[
     """Run every surgery step on a stock DiT or PixArt (options already checked by `validate_options`); returns the
     LEDiT config, its tensors and what changed."""
     if source.config.get("position_encoding") != "sincos" or source.config.get("locality", "none") != "none":
-        raise ConfigError(f"{source.path}: already an LEDiT (no positional encoding or a locality conv); "
-                          "surgery takes a stock DiT or PixArt")
+        raise ConfigError(f"{source.path}: already an LEDiT or a DiT-RoPE (no sin/cos table, or a locality "
+                          "conv); "
+                          "surgery takes a stock DiT, PixArt or SD3")
+    if opts.position == "rope2d" and source.family != "dit":
+        raise ConfigError(f"{source.path}: --position rope2d converts class-conditional DiTs, not a {source.family} "
+                          "model; stock PixArt and SD3 sample with the sin/cos scalings (--position-scaling)")
     layout = parse_causal_layers(opts.causal_layers, source.config["num_layers"])
     state: State = (dict(source.config), source.state_dict)
     changes = []
     state, note = drop_position_encoding(state)
     changes.append(note)
+    if opts.position == "rope2d":
+        state, note = add_rope(state)
+        changes.append(note)
     state, note = set_attention_layout(state, layout, opts.scan, opts.attention_scaling)
     changes.append(note)
     state, note = add_locality_conv(state, opts)
@@ -168,5 +205,6 @@ def surgery_to_folder(source: str, out, opts: SurgeryOptions, *, weights: str = 
             record["source"]["summary"] = summary
             return record
         write_model_folder(out, config, sd, overwrite=overwrite, provenance=provenance,
-                           card=model_card(summary, changes, ckpt.family), family=ckpt.family)
+                           card=model_card(summary, changes, ckpt.family, TARGETS[opts.position]),
+                           family=ckpt.family)
     return SurgeryResult(summary, changes, config, str(out), digest.result() if digest else "")

@@ -14,18 +14,21 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..conversion.export import write_json_atomic
+from ..models.positions import ROPE_SCALINGS, SINCOS_SCALINGS
 from .fid import InceptionFeatures, frechet_distance, precision_recall, reference_features, statistics
 
 Resolution = Tuple[int, int]  # (height, width) in pixels
+# every `@method` a spec may name; whether a model's positions take it is checked when its pipeline is built
+SCALINGS = tuple(dict.fromkeys(SINCOS_SCALINGS + ROPE_SCALINGS))
 
 
 @dataclass
 class ModelSpec:
-    """One model to evaluate: a folder, and for a stock DiT how its sin/cos table meets new sizes."""
+    """One model to evaluate: a folder, and how its positions meet new sizes (its position scaling)."""
 
     name: str
     path: str
-    position_mode: Optional[str] = None  # "extrapolate" | "interpolate" for sin/cos models
+    position_mode: Optional[str] = None  # a position scaling (SCALINGS): sin/cos ones or 2D RoPE ones
     attention_scaling: Optional[str] = None
 
 
@@ -39,11 +42,11 @@ class Reference:
 
 
 def parse_model_spec(text: str) -> ModelSpec:
-    """`[NAME=]PATH[@extrapolate|@interpolate]`."""
+    """`[NAME=]PATH[@METHOD]`, METHOD a position scaling (SCALINGS)."""
     name, _, rest = text.rpartition("=") if "=" in text else ("", "", text)
     path, _, mode = rest.partition("@")
-    if mode and mode not in ("extrapolate", "interpolate"):
-        raise ConfigError(f"--model {text!r}: position mode {mode!r} is not extrapolate or interpolate")
+    if mode and mode not in SCALINGS:
+        raise ConfigError(f"--model {text!r}: position scaling {mode!r} is not one of {', '.join(SCALINGS)}")
     if not path:
         raise ConfigError(f"--model {text!r}: no model path")
     label = name or (Path(path).name + (f"@{mode}" if mode else ""))
@@ -232,7 +235,8 @@ def pipeline_generator(settings: Dict, vae: Optional[str], progress: Optional[Ca
     samples settings["prompts"] (cycled); steps, cfg_scale and scheduler left None take the family's defaults."""
     from ..models.compiling import compile_blocks
     from ..inference.sampling import DIT_DEFAULTS, check_call, check_dtype, load_pipeline, open_model, plan_labels, sample_array
-    from ..inference.text_pipeline import FAMILY_OF_KIND, TEXT_DEFAULTS, load_text_pipeline, plan_prompts
+    from ..inference.text_pipeline import (FAMILY_OF_KIND, TEXT_DEFAULTS, kind_for_scaling, load_text_pipeline,
+                                           plan_prompts, set_position_scaling)
     cache = {}
 
     def setting(key: str, kind: Optional[str]):
@@ -240,13 +244,15 @@ def pipeline_generator(settings: Dict, vae: Optional[str], progress: Optional[Ca
         return (TEXT_DEFAULTS[FAMILY_OF_KIND[kind]] if kind else DIT_DEFAULTS)[key] if value is None else value
 
     def generate(spec: ModelSpec, res: Resolution) -> np.ndarray:
-        if spec.path not in cache:
+        key = (spec.path, bool(spec.position_mode))  # a stock text model with a scaling loads into our class
+        if key not in cache:
             cache.clear()  # one model in memory at a time
             source = open_model(spec.path)
             if source.text:
-                if spec.position_mode or spec.attention_scaling:
-                    raise ConfigError(f"{spec.name}: position modes apply to class-conditional DiTs only")
-                pipe = load_text_pipeline(source.transformer_dir, source.kind, vae, settings.get("text_encoder"),
+                if spec.attention_scaling:
+                    raise ConfigError(f"{spec.name}: attention scaling applies to class-conditional DiTs only")
+                kind = kind_for_scaling(source.kind, spec.position_mode)
+                pipe = load_text_pipeline(source.transformer_dir, kind, vae, settings.get("text_encoder"),
                                           setting("scheduler", source.kind), settings["device"],
                                           check_dtype(settings["dtype"]), settings.get("negative_prompt", ""),
                                           settings.get("max_length"))
@@ -257,11 +263,12 @@ def pipeline_generator(settings: Dict, vae: Optional[str], progress: Optional[Ca
                                      device=settings["device"], dtype=settings["dtype"],
                                      compile=settings.get("compile", False))
             pipe.set_progress_bar_config(disable=True)
-            cache[spec.path] = (pipe, source.kind if source.text else None)
-        pipe, kind = cache[spec.path]
+            cache[key] = (pipe, source.kind if source.text else None)
+        pipe, kind = cache[key]
         call = dict(height=res[0], width=res[1], num_inference_steps=setting("steps", kind),
                     guidance_scale=setting("cfg_scale", kind))
-        if kind:
+        if kind:  # the scaling is set per spec: specs of one folder share its pipeline
+            set_position_scaling(pipe, spec.position_mode, f"{spec.name}: ")
             labels = plan_prompts(settings["num_samples"], list(settings.get("prompts") or []))
         else:
             labels = plan_labels(settings["num_samples"], None, pipe.num_classes)

@@ -115,8 +115,6 @@ class LEDiTPipeline(DiffusionPipeline):
             raise ValueError(f"guidance_channels {guidance_channels!r} must be 1..{channels}, 'all' or None")
         if attention_scaling not in (None, "log", "none"):
             raise ValueError(f"attention_scaling {attention_scaling!r} must be 'log', 'none' or None")
-        if position_mode not in (None, "extrapolate", "interpolate"):
-            raise ValueError(f"position_mode {position_mode!r} must be 'extrapolate', 'interpolate' or None")
         if causal_to_self_below is not None and (isinstance(causal_to_self_below, bool)
                                                  or not isinstance(causal_to_self_below, int) or causal_to_self_below < 0):
             raise ValueError(f"causal_to_self_below {causal_to_self_below!r} must be a non-negative integer timestep")
@@ -127,12 +125,17 @@ class LEDiTPipeline(DiffusionPipeline):
                 raise ValueError(f"attention_scaling 'log' needs a LEDiT model; {name} has no attention options")
             if causal_to_self_below is not None:
                 raise ValueError(f"causal_to_self_below {causal_to_self_below} needs a LEDiT model; {name} has no causal blocks")
-            if position_mode == "extrapolate":
-                raise ValueError(f"position_mode 'extrapolate' needs a LEDiT-class model; {name} always interpolates")
+            if position_mode not in (None, "interpolate"):
+                raise ValueError(f"position scaling {position_mode!r} needs a LEDiT-class model; {name} always "
+                                 "interpolates its table")
             if height != width:  # its forward unpatchifies an int(sqrt(N)) x int(sqrt(N)) grid
                 raise ValueError(f"{name} only generates square images; got height {height}, width {width}")
-        elif position_mode is not None and config.get("position_encoding", "none") != "sincos":
-            raise ValueError(f"position_mode {position_mode!r} has no effect: the model has no positional encoding")
+        elif position_mode is not None:  # one the positions do not take (yarn on a sin/cos table, any on LEDiT)
+            model = getattr(self.transformer, "_orig_mod", self.transformer)
+            if not hasattr(model, "check_position_scaling"):
+                raise ValueError(f"position scaling {position_mode!r} needs a model that takes position scalings; "
+                                 f"{type(model).__name__} does not")
+            model.check_position_scaling(position_mode)
         if self.transformer.training:
             raise ValueError("the transformer is in training mode (label dropout, random conv dilation); call .eval()")
         return height // self.vae_scale_factor, width // self.vae_scale_factor, guided
@@ -169,7 +172,9 @@ class LEDiTPipeline(DiffusionPipeline):
             attention_scaling: None keeps the model's setting, "log" multiplies logits by sqrt(ln N / ln N_train),
                 "none" disables it.
             causal_to_self_below: for timesteps t < this value, causal blocks run as self-attention (LEDiT App. C).
-            position_mode: for sin/cos models, "extrapolate" (DiT) or "interpolate" (diffusers) the table.
+            position_mode: how positions meet a size other than the training one (the model's position scaling):
+                for sin/cos models "extrapolate" (DiT), "interpolate" (diffusers), "ntk" or "dype-interpolate"; for
+                2D RoPE models "none", "pi", "ntk", "yarn", "riflex", "dype", "dype-pi" or "dype-ntk".
             return_dict: return an `ImagePipelineOutput` (else a one-tuple).
         """
         # 1. Inputs
@@ -203,7 +208,7 @@ class LEDiTPipeline(DiffusionPipeline):
             if attention_scaling is not None:
                 options["scaling"] = attention_scaling
             if position_mode is not None:
-                options["position_mode"] = position_mode
+                options["position_scaling"] = position_mode
         plain_kwargs = {"attention_kwargs": options} if options else {}
         to_self_kwargs = {"attention_kwargs": {**options, "causal_to_self": True}}
         self.scheduler.set_timesteps(num_inference_steps, device=device)
@@ -265,7 +270,9 @@ def save_pipeline(pipe: DiffusionPipeline, folder: str) -> str:
     if library.split(".")[0] != "diffusers":
         # Custom component: its (self-contained) source goes into the component folder, named in the index.
         transformer_dir = os.path.join(folder, "transformer")
-        shutil.copyfile(inspect.getsourcefile(type(pipe.transformer)), os.path.join(transformer_dir, MODEL_MODULE + ".py"))
+        code = os.path.join(transformer_dir, MODEL_MODULE + ".py")
+        if not os.path.exists(code):  # LEDiT models save their code, and the files it imports, themselves
+            shutil.copyfile(inspect.getsourcefile(type(pipe.transformer)), code)
         index["transformer"] = [MODEL_MODULE, class_name]
         config_path = os.path.join(transformer_dir, "config.json")
         with open(config_path) as f:

@@ -21,7 +21,8 @@ from ..models.compiling import compile_blocks, is_compile_error, is_compiled, un
 from ..errors import CheckpointError, ConfigError, OutputExistsError, first_line
 from ..models.dit import LEDiTTransformer2DModel
 from .pipeline import SCHEDULER_KINDS, LEDiTPipeline, default_scheduler
-from .text_pipeline import FAMILY_OF_KIND, TEXT_DEFAULTS, load_text_pipeline, make_text_scheduler, plan_prompts, text_parts
+from .text_pipeline import (FAMILY_OF_KIND, TEXT_DEFAULTS, kind_for_scaling, load_text_pipeline, make_text_scheduler,
+                            plan_prompts, set_position_scaling, text_parts)
 from .vae import assemble_vae, check_vae_fits, vae_scale_factor
 
 logger = logging.getLogger(__name__)
@@ -335,13 +336,11 @@ def save_grid(images: List[np.ndarray], path: str, pad: int = 2) -> str:
 DIT_DEFAULTS = {"steps": 250, "cfg_scale": 1.5, "scheduler": "ddpm"}  # DiT's sample.py
 
 
-def _check_text_options(model_dir, class_labels, guidance_channels, attention_scaling, causal_to_self_below,
-                        position_mode) -> None:
+def _check_text_options(model_dir, class_labels, guidance_channels, attention_scaling, causal_to_self_below) -> None:
     """Options of class-conditional sampling, which diffusers' PixArt pipelines do not take, are refused."""
     given = [name for name, value in (("--class-labels", class_labels), ("--guidance-channels", guidance_channels),
                                       ("--attention-scaling", attention_scaling),
-                                      ("--causal-to-self-below", causal_to_self_below),
-                                      ("--position-mode", position_mode)) if value]
+                                      ("--causal-to-self-below", causal_to_self_below)) if value]
     if given:
         raise ConfigError(f"{model_dir} is a text-to-image model: {', '.join(given)} apply to class-conditional "
                           f"models only")
@@ -412,8 +411,7 @@ def sample_images(
         if value < 1:
             raise ConfigError(f"{name} {value} must be at least 1")
     if source.text:
-        _check_text_options(model_dir, class_labels, guidance_channels, attention_scaling, causal_to_self_below,
-                            position_mode)
+        _check_text_options(model_dir, class_labels, guidance_channels, attention_scaling, causal_to_self_below)
         labels = plan_prompts(num_samples, list(prompts or []))
     else:
         if prompts:
@@ -438,8 +436,9 @@ def sample_images(
 
     # 2. Load, then check the options that depend on the model class (LEDiT-only options on a DiT, ...)
     if source.text:
-        pipe = load_text_pipeline(source.transformer_dir, source.kind, vae_path, text_encoder, scheduler, device,
-                                  DTYPES[dtype], negative_prompt, max_length)
+        pipe = load_text_pipeline(source.transformer_dir, kind_for_scaling(source.kind, position_mode), vae_path,
+                                  text_encoder, scheduler, device, DTYPES[dtype], negative_prompt, max_length)
+        set_position_scaling(pipe, position_mode, f"{model_dir}: ")
         if compile:
             compile_blocks(pipe.transformer)
         call = dict(height=height, width=width, num_inference_steps=steps, guidance_scale=cfg_scale)

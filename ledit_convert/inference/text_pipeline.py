@@ -156,6 +156,24 @@ def load_text_pipeline(transformer_dir: str, kind: str, vae: Optional[str], text
     return TextToImage(transformer, assemble_vae(vae), noise_scheduler, encoder, negative_prompt).to(device)
 
 
+def kind_for_scaling(kind: str, scaling: Optional[str]) -> str:
+    """The kind to load a model as: a stock folder loads into our class when a position scaling is asked (diffusers'
+    classes take none; ours run the same table and weights)."""
+    return kind.replace("_diffusers", "") if scaling else kind
+
+
+def set_position_scaling(pipe: TextToImage, scaling: Optional[str], where: str = "") -> TextToImage:
+    """The transformer's position scaling for every call (None: its own); one its positions do not take is a
+    ConfigError prefixed by `where`."""
+    if scaling is None and not hasattr(pipe.transformer, "set_position_scaling"):
+        return pipe
+    try:
+        pipe.transformer.set_position_scaling(scaling)
+    except ValueError as e:
+        raise ConfigError(f"{where}{e}") from None
+    return pipe
+
+
 def plan_prompts(num_samples: int, prompts: List[str]) -> List[str]:
     """The prompt of every sample: the given prompts cycled."""
     if not prompts:

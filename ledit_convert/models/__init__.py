@@ -1,2 +1,3 @@
-"""The model families as diffusers models: LEDiT for DiT (dit.py) and for PixArt (pixart.py), each a self-contained
-file that surgery copies beside the weights as remote code, and regional torch.compile of their blocks."""
+"""The model families as diffusers models: LEDiT (and the DiT-RoPE baseline) for DiT (dit.py), for PixArt (pixart.py)
+and for SD3 (sd3.py), with the positions and their resolution scalings in positions.py; each a self-contained file
+that surgery copies beside the weights as remote code; and regional torch.compile of their blocks."""

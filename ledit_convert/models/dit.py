@@ -7,13 +7,14 @@
 # References:
 #   DiT: https://github.com/facebookresearch/DiT/blob/main/models.py (layout and numerics)
 #   LEDiT: causal attention, no positional encoding, locality conv, attention scaling.
+#   DiT-RoPE (the LEDiT paper's baseline): axial 2D RoPE in every block, positions.py (FiT's VisionRoPE).
 import functools
 import inspect
 import json
 import math
 import os
 import re
-import shutil
+import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -27,10 +28,13 @@ from diffusers.models.attention_processor import Attention as DiffusersAttention
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 
+from .positions import (DYNAMIC_SCALINGS, ROPE_BASE, ROPE_SCALINGS, SINCOS_SCALINGS, apply_rope, apply_turn,
+                        diffusion_time, rope_table, rope_turn, sincos_table)
+
 ATTENTION_KINDS = ("self", "causal")
 CAUSAL_SCANS = ("one_dimension", "mask_lower_right", "unmask_neighborhood", "mask_lower_right_corner",
                 "row_or_column_major")
-POSITION_ENCODINGS = ("none", "sincos")
+POSITION_ENCODINGS = ("none", "sincos", "rope2d")
 POSITION_MODES = ("extrapolate", "interpolate")
 ATTENTION_SCALINGS = ("log", "none")
 LOCALITY_KINDS = ("none", "full", "depthwise")
@@ -44,24 +48,38 @@ DIFFUSERS_BACKENDS = {"native": "sdpa", "_native_efficient": "sdpa", "_native_cu
 # factor of attention scaling and the concrete backend
 LEDIT_ATTENTION_ARGS = ("causal_scan", "scan_mask", "logit_factor", "backend")
 REMOTE_CODE_FILE = "modeling_ledit.py"  # this file, as it is copied beside saved weights
+POSITIONS_FILE = "modeling_ledit_positions.py"  # positions.py, as it is copied beside saved weights
 
 
-_MODEL_IMPORT = re.compile(r"^from \.(?:dit|modeling_ledit) import", re.MULTILINE)
+# package module -> its copy's name; diffusers copies only a remote module's direct relative imports, so every model
+# file imports positions itself
+_REMOTE_IMPORTS = ((re.compile(r"^from \.(?:dit|modeling_ledit) import", re.MULTILINE), REMOTE_CODE_FILE),
+                   (re.compile(r"^from \.(?:positions|modeling_ledit_positions) import", re.MULTILINE), POSITIONS_FILE))
+
+
+def remote_code_text(path) -> str:
+    """A model file's text with its imports of this package's model files pointed at their copies' names."""
+    code = Path(path).read_text()
+    for pattern, copy_name in _REMOTE_IMPORTS:
+        code = pattern.sub(f"from .{Path(copy_name).stem} import", code)
+    return code
 
 
 def add_remote_code(folder, class_name: str = "LEDiTTransformer2DModel", model_file=None,
                     file_name: str = REMOTE_CODE_FILE) -> None:
-    """Copy this file beside a saved model and point config.json's auto_map at `class_name` (diffusers AutoModel).
+    """Copy this file and positions.py beside a saved model and point config.json's auto_map at `class_name`
+    (diffusers AutoModel).
 
-    A model defined in another file (`model_file`, which imports this one) is copied too, as `file_name`, with its
-    `from .dit import` rewritten to import this file's copy."""
+    A model defined in another file (`model_file`, which imports this one) is copied too, as `file_name`; every copy
+    has its relative imports rewritten to the copies' names."""
     folder = Path(folder)
-    target = folder / REMOTE_CODE_FILE
-    if not (target.exists() and os.path.samefile(__file__, target)):
-        shutil.copyfile(__file__, target)
+    sources = {REMOTE_CODE_FILE: __file__, POSITIONS_FILE: sys.modules[apply_rope.__module__].__file__}
     if model_file is not None:
-        code = _MODEL_IMPORT.sub(f"from .{Path(REMOTE_CODE_FILE).stem} import", Path(model_file).read_text())
-        _replace_text(folder / file_name, code)
+        sources[file_name] = model_file
+    for name, source in sources.items():
+        target = folder / name
+        if not (target.exists() and os.path.samefile(source, target)):  # a model loaded from this folder saves here
+            _replace_text(target, remote_code_text(source))
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())
     config["auto_map"] = {"AutoModel": f"{Path(file_name).stem}.{class_name}"}
@@ -79,22 +97,30 @@ def _replace_text(path: Path, text: str) -> None:
 #################################################################################
 
 def sincos_position_table(dim: int, height: int, width: int, base_height: int, base_width: int,
-                          mode: str = "extrapolate") -> torch.Tensor:
-    """MAE/DiT 2D sin/cos table (H*W, dim) in float64; the first half of channels encodes the column."""
-    rows = torch.arange(height, dtype=torch.float64)
-    cols = torch.arange(width, dtype=torch.float64)
-    if mode == "interpolate":  # diffusers' PatchEmbed: squeeze the new grid into the trained range
-        rows = rows * (base_height / height)
-        cols = cols * (base_width / width)
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+                          mode: str = "extrapolate", t: Optional[float] = None) -> torch.Tensor:
+    """MAE/DiT 2D sin/cos table (H*W, dim) in float64; the first half of channels encodes the column. `mode` is one
+    of SINCOS_SCALINGS ("extrapolate": DiT's code, "interpolate": diffusers' PatchEmbed); `t` is the diffusion time
+    in [0, 1] of the DyPE variant."""
+    return sincos_table(dim, (height, width), (base_height, base_width), mode, t=t)
 
-    def one_axis(pos):  # (M,) -> (M, dim/2): [sin, cos]
-        out = pos[:, None] * omega[None]
-        return torch.cat([out.sin(), out.cos()], dim=1)
 
-    col_emb = one_axis(cols)[None, :, :].expand(height, width, dim // 2)  # (H, W, D/2)
-    row_emb = one_axis(rows)[:, None, :].expand(height, width, dim // 2)
-    return torch.cat([col_emb, row_emb], dim=-1).reshape(height * width, dim)
+def position_scaling(encoding: str, requested: Optional[str], default: str) -> Optional[str]:
+    """The scaling a call uses for positions `encoding`: `requested`, else `default`; None for a model without
+    positions. A scaling that does not apply to the positions is an error naming it and the ones that do."""
+    allowed = {"sincos": SINCOS_SCALINGS, "rope2d": ROPE_SCALINGS}.get(encoding, ())
+    if requested is None:
+        return default if allowed else None
+    if requested not in allowed:
+        kind = {"sincos": "a sin/cos table", "rope2d": "2D RoPE"}.get(encoding, "no positional encoding")
+        takes = ", ".join(allowed) if allowed else "no position scaling"
+        raise ValueError(f"position scaling {requested!r} does not apply to a model with {kind}: it takes {takes}")
+    return requested
+
+
+def diffusion_times(timestep: torch.Tensor) -> List[float]:
+    """Each sample's diffusion time in [0, 1] (DyPE's t) from the model's timesteps; a host read, so only the
+    timestep-dependent scalings pay it."""
+    return [diffusion_time(value) for value in torch.as_tensor(timestep).reshape(-1).tolist()]
 
 
 def _visible(scan: str, q_idx: torch.Tensor, kv_idx: torch.Tensor, width: int) -> torch.Tensor:
@@ -170,11 +196,26 @@ def attention_mask(causal_scan: Optional[str], grid: tuple, device, backend: str
     return cached(_cached_dense_mask, causal_scan, grid[0], grid[1], str(device))
 
 
-def attend(q, k, v, causal_scan: Optional[str], scale: float, backend: str, mask):
+def rotate_qk(q, k, rope):
+    """q and k turned by 2D RoPE, `rope` = (cos, sin, turn): float32 tables broadcastable to them and the same as
+    complex factors (`rope_turn`). The rotation runs in float32 or wider whatever the compute dtype, so bf16 keeps
+    the angles' precision: one complex multiplication in eager code, the real form inside torch.compile (which
+    fuses it, and whose support for complex tensors is partial)."""
+    cos, sin, turn = rope
+    if torch.compiler.is_compiling():
+        work = torch.promote_types(q.dtype, torch.float32)
+        return apply_rope(q.to(work), cos, sin).to(q.dtype), apply_rope(k.to(work), cos, sin).to(k.dtype)
+    return apply_turn(q, turn), apply_turn(k, turn)
+
+
+def attend(q, k, v, causal_scan: Optional[str], scale: float, backend: str, mask, rope=None):
     """Multi-head attention over image tokens; q, k, v are (B, heads, N, head_dim).
 
     `backend` is concrete (`resolve_backend`) and `mask` is `attention_mask(...)` for this scan and backend; the
-    model looks both up outside compiled code, so a compiled block never rebuilds a mask."""
+    model looks both up outside compiled code, so a compiled block never rebuilds a mask. `rope` (cos, sin, turn),
+    when given, rotates q and k first (2D RoPE models, `rotate_qk`)."""
+    if rope is not None:
+        q, k = rotate_qk(q, k, rope)
     if backend == "math":  # the textbook formula, for tests
         logits = (q @ k.transpose(-2, -1)) * scale
         if mask is not None:
@@ -237,11 +278,11 @@ class ImageSelfAttnProcessor:
     block hands to each of its attentions; image self-attention has no use for it."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, causal_scan=None,
-                 logit_factor: float = 1.0, backend: str = "sdpa", scan_mask=None, joint_mask=None):
+                 logit_factor: float = 1.0, backend: str = "sdpa", scan_mask=None, joint_mask=None, rope=None):
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError("image self-attention takes no encoder states and no attention_mask")
         q, k, v = project_qkv(attn, hidden_states)
-        out = attend(q, k, v, causal_scan, attn.scale * logit_factor, backend, scan_mask)
+        out = attend(q, k, v, causal_scan, attn.scale * logit_factor, backend, scan_mask, rope)
         out = out.transpose(1, 2).reshape(out.shape[0], -1, q.shape[1] * q.shape[-1]).to(q.dtype)
         return attn.to_out[1](attn.to_out[0](out))
 
@@ -319,12 +360,12 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, causal_scan, logit_factor: float, backend: str, mask):
+    def forward(self, x, causal_scan, logit_factor: float, backend: str, mask, rope=None):
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, heads, N, head_dim)
         scale = logit_factor / math.sqrt(self.head_dim)
-        out = attend(q, k, v, causal_scan, scale, backend, mask)
+        out = attend(q, k, v, causal_scan, scale, backend, mask, rope)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -352,9 +393,9 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x, c, causal_scan, logit_factor: float, backend: str, mask):
+    def forward(self, x, c, causal_scan, logit_factor: float, backend: str, mask, rope=None):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        h = self.attn(modulate(self.norm1(x), shift_msa, scale_msa), causal_scan, logit_factor, backend, mask)
+        h = self.attn(modulate(self.norm1(x), shift_msa, scale_msa), causal_scan, logit_factor, backend, mask, rope)
         x = x + gate_msa.unsqueeze(1) * h
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
@@ -472,6 +513,34 @@ class LEDiTModelMixin:
             self._position_cache[key] = build()
         return self._position_cache[key]
 
+    def check_position_scaling(self, method: str) -> None:
+        """A one-line ValueError when this model's positions do not take the scaling `method`."""
+        position_scaling(self.config.position_encoding, method, method)
+
+    def set_position_scaling(self, method: Optional[str]) -> None:
+        """The position scaling calls use when their kwargs name none (None: the model's default), for pipelines
+        that pass no attention kwargs (diffusers' PixArt pipelines); an error for one its positions do not take."""
+        if method is not None:
+            self.check_position_scaling(method)
+        self._position_scaling = method
+
+    def call_scaling(self, opts: Dict[str, Any], default: str, older: Optional[str] = None) -> Optional[str]:
+        """A call's position scaling: its kwargs' "position_scaling" (or `older`, a former option's value), else
+        `set_position_scaling`'s, else `default`; None for a model without positions."""
+        requested = opts.get("position_scaling") or older or getattr(self, "_position_scaling", None)
+        return position_scaling(self.config.position_encoding, requested, default)
+
+    def batch_positions(self, method: Optional[str], timestep, build) -> torch.Tensor:
+        """`build(t)` (a (1, ...) tensor) for this call: once with t None for a static scaling; for DyPE's variants
+        once per distinct diffusion time in the batch, concatenated per sample when the times differ."""
+        if method not in DYNAMIC_SCALINGS:
+            return build(None)
+        if timestep is None:
+            raise ValueError(f"position scaling {method!r} follows the diffusion time; the call has no timestep")
+        times = diffusion_times(timestep)
+        built = {t: build(t) for t in sorted(set(times))}
+        return next(iter(built.values())) if len(built) == 1 else torch.cat([built[t] for t in times])
+
     def logit_factor(self, num_tokens: int, scaling: str) -> float:
         """sqrt(ln N / ln N_train) for "log" scaling, else 1."""
         return log_scaling_factor(num_tokens, (self.config.sample_size // self.config.patch_size) ** 2, scaling)
@@ -532,9 +601,11 @@ class LEDiTTransformer2DModel(LEDiTModelMixin, ModelMixin, ConfigMixin, PeftAdap
         num_attention_heads (`int`): attention heads per block.
         mlp_ratio (`float`): MLP hidden width as a multiple of D.
         num_classes (`int`): number of classes; index `num_classes` is the null class.
-        position_encoding (`str`): "sincos" (stock DiT) or "none" (LEDiT).
-        position_mode (`str`): how the sin/cos table meets a new grid: "extrapolate" (DiT's code, a larger
+        position_encoding (`str`): "sincos" (stock DiT), "none" (LEDiT) or "rope2d" (DiT-RoPE, the paper's
+            baseline: no table; every block rotates q and k by axial 2D RoPE, FiT's VisionRoPE, positions.py).
+        position_mode (`str`): how the sin/cos table meets a new grid by default: "extrapolate" (DiT's code, a larger
             grid) or "interpolate" (diffusers' PatchEmbed, the new grid squeezed into the trained range).
+        rope_theta (`float`): base of the 2D RoPE frequencies (rope2d only).
         attention_layout (`List[str]`): one entry per block, "self" or "causal"; None means all "self".
         causal_scan (`str`): visibility rule of causal blocks (query at grid (r, c), key at (r', c')):
             "one_dimension" (raster order), "mask_lower_right" (r' <= r and c' <= c), "unmask_neighborhood"
@@ -585,6 +656,7 @@ class LEDiTTransformer2DModel(LEDiTModelMixin, ModelMixin, ConfigMixin, PeftAdap
         timestep_freq_shift: int = 0,
         norm_eps: float = 1e-6,
         mlp_norm_eps: float = 1e-6,
+        rope_theta: float = ROPE_BASE,
     ):
         super().__init__()
         layout = list(attention_layout) if attention_layout is not None else ["self"] * num_layers
@@ -595,6 +667,8 @@ class LEDiTTransformer2DModel(LEDiTModelMixin, ModelMixin, ConfigMixin, PeftAdap
             locality_kernel_size=locality_kernel_size, dilation_prob=locality_dilation_prob,
             dilation_rates=list(locality_dilation_rates), timestep_freq_shift=timestep_freq_shift,
         )
+        if position_encoding == "rope2d" and (hidden_size // num_attention_heads) % 4:
+            problems.append(f"head size {hidden_size // num_attention_heads} must be divisible by 4 for 2D RoPE")
         if problems:
             raise ValueError("invalid LEDiT config: " + "; ".join(problems))
         self.gradient_checkpointing = False
@@ -645,24 +719,59 @@ class LEDiTTransformer2DModel(LEDiTModelMixin, ModelMixin, ConfigMixin, PeftAdap
             nn.init.zeros_(self.locality_conv.conv.weight)
             nn.init.zeros_(self.locality_conv.conv.bias)
 
-    def position_table(self, height: int, width: int, mode: str, device, dtype) -> torch.Tensor:
-        """The sin/cos table for an h x w token grid, cached per grid, mode, device and dtype (computed in the graph
-        under torch.compile)."""
+    def position_table(self, height: int, width: int, mode: str, device, dtype,
+                       t: Optional[float] = None) -> torch.Tensor:
+        """The sin/cos table (1, N, D) for an h x w token grid under a scaling `mode` (SINCOS_SCALINGS; `t` the
+        diffusion time of DyPE's), cached per grid, mode, device and dtype unless it follows t (computed in the
+        graph under torch.compile)."""
         def build():
             base = self.config.sample_size // self.config.patch_size
-            table = sincos_position_table(self.config.hidden_size, height, width, base, base, mode)
+            table = sincos_position_table(self.config.hidden_size, height, width, base, base, mode, t)
             return table.to(dtype=torch.float32).to(device=device, dtype=dtype)[None]
-        return self.cached_position_table((height, width, mode, str(device), dtype), build)
+        return build() if t is not None else self.cached_position_table((height, width, mode, str(device), dtype),
+                                                                         build)
 
-    def _call_inputs(self, grid, device, dtype, position_mode, to_self, dilation=None):
-        """Cached lookups and this call's random draw: the position table (or None), the causal blocks' concrete
-        attention backend and mask, and the locality conv's dilation (drawn unless the caller fixed it)."""
-        table = None
-        if self.config.position_encoding == "sincos":
-            table = self.position_table(grid[0], grid[1], position_mode or self.config.position_mode, device, dtype)
+    def rope_tables(self, height: int, width: int, method: str, device, t: Optional[float] = None) -> torch.Tensor:
+        """2D RoPE's cos and sin, float32 (1, 2, 1, N, head_dim), for an h x w grid under a scaling (ROPE_SCALINGS;
+        `t` the diffusion time of DyPE's), cached like `position_table`."""
+        def build():
+            base = self.config.sample_size // self.config.patch_size
+            cos, sin = rope_table(self.config.hidden_size // self.config.num_attention_heads, (height, width),
+                                  (base, base), method, self.config.rope_theta, t)
+            return torch.stack([cos, sin]).to(dtype=torch.float32, device=device)[None, :, None]
+        return build() if t is not None else self.cached_position_table(("rope", height, width, method, str(device)),
+                                                                         build)
+
+    def _positions(self, grid, method: Optional[str], timestep, device, dtype):
+        """This call's sin/cos table (B or 1, N, D) or 2D RoPE (cos, sin), each None when the model has no such
+        positions."""
+        encoding = self.config.position_encoding
+        if encoding == "sincos":
+            return self.batch_positions(method, timestep,
+                                        lambda t: self.position_table(grid[0], grid[1], method, device, dtype, t)), None
+        if encoding == "rope2d":
+            tables = self.batch_positions(method, timestep, lambda t: self.rope_tables(grid[0], grid[1], method,
+                                                                                         device, t))
+            cos, sin = tables.unbind(1)  # (B or 1, 1, N, head_dim) each
+            compiling = torch.compiler.is_compiling()  # compiled code turns with the real tables (`rotate_qk`)
+            return None, (cos, sin, None if compiling else rope_turn(cos, sin))
+        return None, None
+
+    def _call_inputs(self, grid, device, dtype, method, timestep, to_self, dilation=None):
+        """Cached lookups and this call's random draw: the position table and the 2D RoPE (each or None), the
+        causal blocks' concrete attention backend and mask, and the locality conv's dilation (drawn unless the caller
+        fixed it)."""
+        table, rope = self._positions(grid, method, timestep, device, dtype)
         backend, mask, dilation = self._causal_inputs(grid, device, to_self, any(b.causal for b in self.blocks),
                                                       dilation)
-        return table, backend, mask, dilation
+        return table, rope, backend, mask, dilation
+
+    def scaling_for_call(self, opts: Dict[str, Any]) -> Optional[str]:
+        """The position scaling of a call (`call_scaling`; a sin/cos model also reads the older "position_mode",
+        and defaults to its config's position_mode); an error for one that does not apply to its positions."""
+        sincos = self.config.position_encoding == "sincos"
+        return self.call_scaling(opts, self.config.position_mode if sincos else "none",
+                                 opts.get("position_mode") if sincos else None)
 
     def unpatchify(self, x, height: int, width: int):
         """(B, h*w, p*p*C) tokens -> (B, C, h*p, w*p) image, from an explicit token grid."""
@@ -680,9 +789,10 @@ class LEDiTTransformer2DModel(LEDiTModelMixin, ModelMixin, ConfigMixin, PeftAdap
         Predict noise (and variance values) for latents `hidden_states` (B, C, H, W).
 
         `attention_kwargs` may hold "scaling" ("log"/"none", overrides the config), "causal_to_self"
-        (True runs causal blocks as self-attention), "position_mode" (overrides the config) and
-        "locality_dilation" (an int: the conv's dilation for this call instead of the training-time draw, for a
-        caller that draws it itself, such as a captured CUDA graph per dilation)."""
+        (True runs causal blocks as self-attention), "position_scaling" (how positions meet a grid other than the
+        training one: SINCOS_SCALINGS for a sin/cos model, ROPE_SCALINGS for a 2D RoPE one; "position_mode" is its
+        older name for a sin/cos model) and "locality_dilation" (an int: the conv's dilation for this call instead of
+        the training-time draw, for a caller that draws it itself, such as a captured CUDA graph per dilation)."""
         # 1. Input: patchify, positions, locality
         opts = attention_kwargs or {}
         p = self.config.patch_size
@@ -690,27 +800,28 @@ class LEDiTTransformer2DModel(LEDiTModelMixin, ModelMixin, ConfigMixin, PeftAdap
             raise ValueError(f"latent size {tuple(hidden_states.shape[-2:])} is not divisible by patch size {p}")
         grid = (hidden_states.shape[-2] // p, hidden_states.shape[-1] // p)
         to_self = bool(opts.get("causal_to_self", False))
+        method = self.scaling_for_call(opts)
         x = self.x_embedder(hidden_states)  # (B, N, D)
-        table, backend, mask, dilation = self._call_inputs(grid, x.device, x.dtype, opts.get("position_mode"),
-                                                            to_self, opts.get("locality_dilation"))
+        b = x.shape[0]
+        if not torch.is_tensor(timestep):
+            timestep = torch.tensor([timestep], device=x.device)
+        timestep = timestep.to(x.device).reshape(-1).expand(b) if timestep.numel() == 1 else timestep.to(x.device)
+        table, rope, backend, mask, dilation = self._call_inputs(grid, x.device, x.dtype, method, timestep, to_self,
+                                                                  opts.get("locality_dilation"))
         if table is not None:
             x = x + table
         if self.locality_conv is not None:
             x = self.locality_conv(x, grid, dilation)
 
         # 2. Conditioning
-        b = x.shape[0]
-        if not torch.is_tensor(timestep):
-            timestep = torch.tensor([timestep], device=x.device)
-        timestep = timestep.to(x.device).reshape(-1).expand(b) if timestep.numel() == 1 else timestep.to(x.device)
         class_labels = torch.as_tensor(class_labels, device=x.device).reshape(-1).expand(b)
         c = self.t_embedder(timestep, x.dtype) + self.y_embedder(class_labels)  # (B, D)
 
-        # 3. Blocks: causal ones get the cached mask, self-attention ones plain SDPA
+        # 3. Blocks: causal ones get the cached mask, self-attention ones plain SDPA; 2D RoPE turns q and k in all
         factor = self.logit_factor(grid[0] * grid[1], opts.get("scaling", self.config.attention_scaling))
         for block in self.blocks:
             scan, block_mask = (self.config.causal_scan, mask) if block.causal and not to_self else (None, None)
-            args = (x, c, scan, factor, backend, block_mask)
+            args = (x, c, scan, factor, backend, block_mask, rope)
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 x = self._gradient_checkpointing_func(block, *args)
             else:

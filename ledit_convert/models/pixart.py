@@ -24,6 +24,7 @@ from diffusers.models.normalization import AdaLayerNormSingle
 
 from .dit import (ImageSelfAttnProcessor, LEDiTAttentionMixin, LEDiTModelMixin, LocalityConv, add_remote_code,
                   image_path_config, ledit_attention_kwargs, unpatchify)
+from .positions import sincos_table
 
 REMOTE_CODE_FILE = "modeling_ledit_pixart.py"  # this file, as it is copied beside saved weights
 TEXT_MASK_BIAS = -10000.0  # what diffusers' PixArt adds to the logits of masked text tokens
@@ -181,19 +182,30 @@ class LEDiTPixArtTransformer2DModel(LEDiTModelMixin, LEDiTAttentionMixin, ModelM
         """This model's code (and dit.py, which it imports) and its auto_map entry in a saved folder."""
         add_remote_code(folder, "LEDiTPixArtTransformer2DModel", __file__, REMOTE_CODE_FILE)
 
-    def position_table(self, height: int, width: int, device) -> torch.Tensor:
-        """diffusers' PixArt sin/cos table for an h x w grid (float32, (1, N, D)), cached per grid and device."""
+    def position_table(self, height: int, width: int, device, method: str = "interpolate",
+                       t: Optional[float] = None) -> torch.Tensor:
+        """PixArt's sin/cos table for an h x w grid (float32, (1, N, D)) under a scaling (SINCOS_SCALINGS; `t` the
+        diffusion time of DyPE's): "interpolate" is diffusers' own table, the stock model's; the others place the
+        same positions (divided by the interpolation scale) as positions.py says. Cached per grid, method and device
+        unless it follows t."""
         def build():
-            table = get_2d_sincos_pos_embed(self.pos_embed.proj.out_channels, (height, width),
-                                            base_size=self.config.sample_size // self.config.patch_size,
-                                            interpolation_scale=self.interpolation_scale, output_type="pt")
+            base = self.config.sample_size // self.config.patch_size
+            if method == "interpolate":
+                table = get_2d_sincos_pos_embed(self.pos_embed.proj.out_channels, (height, width), base_size=base,
+                                                interpolation_scale=self.interpolation_scale, output_type="pt")
+            else:
+                table = sincos_table(self.pos_embed.proj.out_channels, (height, width), (base, base), method,
+                                     1.0 / self.interpolation_scale, t)
             return table.float()[None].to(device)
-        return self.cached_position_table((height, width, str(device)), build)
+        return build() if t is not None else self.cached_position_table((height, width, method, str(device)), build)
 
-    def _call_inputs(self, grid, device, to_self: bool, dilation=None):
+    def _call_inputs(self, grid, device, to_self: bool, dilation=None, method: str = "interpolate", timestep=None):
         """Cached lookups and this call's random draw: the position table (or None), the causal blocks' concrete
         attention backend and mask, and the locality conv's dilation."""
-        table = self.position_table(grid[0], grid[1], device) if self.config.position_encoding == "sincos" else None
+        table = None
+        if self.config.position_encoding == "sincos":
+            table = self.batch_positions(method, timestep,
+                                         lambda t: self.position_table(grid[0], grid[1], device, method, t))
         backend, mask, dilation = self._causal_inputs(grid, device, to_self,
                                                       any(b.causal for b in self.transformer_blocks), dilation)
         return table, backend, mask, dilation
@@ -217,8 +229,9 @@ class LEDiTPixArtTransformer2DModel(LEDiTModelMixin, LEDiTAttentionMixin, ModelM
         `encoder_attention_mask` is (B, T) with 1 = keep (or an additive bias (B, 1, T)); `added_cond_kwargs` holds
         "resolution" (B, 2) and "aspect_ratio" (B, 1) when micro-conditions are on. `attention_kwargs` may hold
         "scaling" ("log"/"none", overrides the config), "causal_to_self" (True runs causal blocks as
-        self-attention) and "locality_dilation" (an int: the conv's dilation for this call instead of the
-        training-time draw)."""
+        self-attention), "position_scaling" (a stock PixArt's table on another grid: "interpolate", diffusers' and
+        the default, "extrapolate", "ntk" or "dype-interpolate") and "locality_dilation" (an int: the conv's
+        dilation for this call instead of the training-time draw)."""
         # 1. Input: checks, text mask as a bias, patchify, positions, locality
         if attention_mask is not None:
             raise ValueError("attention_mask over image tokens is not supported; mask text with "
@@ -238,8 +251,10 @@ class LEDiTPixArtTransformer2DModel(LEDiTModelMixin, LEDiTAttentionMixin, ModelM
         b = hidden_states.shape[0]
         grid = (hidden_states.shape[-2] // p, hidden_states.shape[-1] // p)
         to_self = bool(opts.get("causal_to_self", False))
+        method = self.call_scaling(opts, "interpolate")
         x = self.pos_embed(hidden_states).contiguous()  # (B, N, D); every block then sees one stride layout
-        table, backend, mask, dilation = self._call_inputs(grid, x.device, to_self, opts.get("locality_dilation"))
+        table, backend, mask, dilation = self._call_inputs(grid, x.device, to_self, opts.get("locality_dilation"),
+                                                           method, timestep)
         if table is not None:
             x = (x + table).to(x.dtype)
         if self.locality_conv is not None:

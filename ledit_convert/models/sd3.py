@@ -25,11 +25,13 @@ from diffusers.models.normalization import AdaLayerNormContinuous
 from diffusers.utils import apply_lora_scale
 
 from .dit import (ImageSelfAttnProcessor, LEDiTAttentionMixin, LEDiTModelMixin, LocalityConv, add_remote_code,
-                  attention_mask, cached, causal_visibility, image_path_config, ledit_attention_kwargs, project_qkv, unpatchify)
+                  attention_mask, cached, causal_visibility, image_path_config, ledit_attention_kwargs, project_qkv,
+                  unpatchify)
+from .positions import sincos_table
 
 REMOTE_CODE_FILE = "modeling_ledit_sd3.py"  # this file, as it is copied beside saved weights
 TEXT_VIEWS = ("all", "text")  # what a text token sees in a causal block: every token, or the text tokens only
-LEDIT_OPTIONS = ("scaling", "causal_to_self", "locality_dilation")  # joint_attention_kwargs this model reads
+LEDIT_OPTIONS = ("scaling", "causal_to_self", "locality_dilation", "position_scaling")  # joint_attention_kwargs read
 
 
 @functools.lru_cache(maxsize=64)
@@ -168,6 +170,7 @@ class LEDiTSD3Transformer2DModel(LEDiTModelMixin, LEDiTAttentionMixin, ModelMixi
             raise ValueError("invalid LEDiT SD3 config: " + "; ".join(problems))
         self.gradient_checkpointing = False
         self.attention_backend = "auto"
+        self._position_cache: Dict[Any, torch.Tensor] = {}
         self.out_channels = in_channels if out_channels is None else out_channels
 
         # 1. Patchify; stock mode keeps diffusers' stored, cropped table (and its size cap), LEDiT mode has none
@@ -203,6 +206,28 @@ class LEDiTSD3Transformer2DModel(LEDiTModelMixin, LEDiTAttentionMixin, ModelMixi
         """This model's code (and dit.py, which it imports) and its auto_map entry in a saved folder."""
         add_remote_code(folder, "LEDiTSD3Transformer2DModel", __file__, REMOTE_CODE_FILE)
 
+    def position_table(self, height: int, width: int, device, method: str, t: Optional[float] = None) -> torch.Tensor:
+        """A stock SD3's table (float32, (1, N, D)) for an h x w grid under a scaling other than its own centred crop
+        ("extrapolate"): recomputed from diffusers' formula for the stored table, within its pos_embed_max_size
+        rows and columns (positions.cropped_sincos_axis). Cached per grid, method and device unless it follows t."""
+        def build():
+            c, cap = self.config, self.config.pos_embed_max_size
+            base = c.sample_size // c.patch_size
+            table = sincos_table(c.num_attention_heads * c.attention_head_dim, (height, width), (base, base), method,
+                                 base / cap / self.pos_embed.interpolation_scale, t, table_grid=(cap, cap))
+            return table.float()[None].to(device)
+        return build() if t is not None else self.cached_position_table((height, width, method, str(device)), build)
+
+    def embed_patches(self, hidden_states, grid, method: Optional[str], timestep):
+        """Patch tokens (B, N, D): diffusers' PatchEmbed (with the stored table's crop in stock mode), or for another
+        scaling of a stock model the bare patch projection plus `position_table`."""
+        if method in (None, "extrapolate"):
+            return self.pos_embed(hidden_states)
+        x = self.pos_embed.proj(hidden_states).flatten(2).transpose(1, 2)  # SD3's PatchEmbed has no layer norm
+        table = self.batch_positions(method, timestep,
+                                     lambda t: self.position_table(grid[0], grid[1], x.device, method, t))
+        return (x + table).to(x.dtype)
+
     def _call_inputs(self, grid, text_tokens: int, device, to_self: bool, dilation=None):
         """Cached masks and this call's random draw: the image-only attention's backend and mask, the joint
         [image; text] mask (None without causal blocks), and the locality conv's dilation."""
@@ -235,8 +260,10 @@ class LEDiTSD3Transformer2DModel(LEDiTModelMixin, LEDiTAttentionMixin, ModelMixi
         blocks, as skip-layer guidance does).
 
         `joint_attention_kwargs` may hold "scaling" ("log"/"none", overrides the config), "causal_to_self" (True
-        runs causal blocks as self-attention), "locality_dilation" (an int: the conv's dilation for this call
-        instead of the training-time draw) and "scale" (the scale of loaded LoRA adapters, as in diffusers)."""
+        runs causal blocks as self-attention), "position_scaling" (a stock SD3's table on another grid, within the
+        stored table: "extrapolate", its own crop and the default, "interpolate", "ntk" or "dype-interpolate"),
+        "locality_dilation" (an int: the conv's dilation for this call instead of the training-time draw) and
+        "scale" (the scale of loaded LoRA adapters, as in diffusers)."""
         # 1. Input: checks, patchify (+ table in stock mode), locality
         if block_controlnet_hidden_states is not None:
             raise ValueError("ControlNet residuals are not supported by the LEDiT SD3 transformer")
@@ -249,7 +276,8 @@ class LEDiTSD3Transformer2DModel(LEDiTModelMixin, LEDiTAttentionMixin, ModelMixi
             raise ValueError(f"latent size {tuple(hidden_states.shape[-2:])} is not divisible by patch size {p}")
         grid = (hidden_states.shape[-2] // p, hidden_states.shape[-1] // p)
         to_self = bool(opts.get("causal_to_self", False))
-        x = self.pos_embed(hidden_states).contiguous()  # (B, N, D)
+        method = self.call_scaling(opts, "extrapolate")
+        x = self.embed_patches(hidden_states, grid, method, timestep).contiguous()  # (B, N, D)
         backend, scan_mask, joint_mask, dilation = self._call_inputs(
             grid, encoder_hidden_states.shape[1], x.device, to_self, opts.get("locality_dilation"))
         if self.locality_conv is not None:
