@@ -13,8 +13,8 @@ every exported folder have no table. The weight is a function of the images seen
 fade exactly. It is a device tensor filled in place (the LR's pattern), so a captured CUDA graph reads each new
 value.
 
-Each family's table is the one its stock model adds at that grid:
-  DiT: the MAE/DiT 2D sin/cos table (`sincos_position_table`, DiT's code extrapolates it past the training grid);
+Each family's table is the one its stock model adds at that grid, from the model class's own `position_table`:
+  DiT: the MAE/DiT 2D sin/cos table (DiT's code extrapolates it past the training grid);
   PixArt: diffusers' PatchEmbed table with the model's base grid and interpolation scale;
   SD3: diffusers' table of `pos_embed_max_size` per side, cropped at the centre as SD3's PatchEmbed does. This is
   the table diffusers computes for the config; a checkpoint whose stored table differs from it is not reproduced.
@@ -24,10 +24,9 @@ from contextlib import contextmanager
 from typing import Callable, Dict, Tuple
 
 import torch
-from diffusers.models.embeddings import get_2d_sincos_pos_embed
 
 from ..errors import ConfigError
-from ..models.dit import LEDiTTransformer2DModel, sincos_position_table
+from ..models.dit import LEDiTTransformer2DModel
 from ..models.pixart import LEDiTPixArtTransformer2DModel
 from ..models.sd3 import LEDiTSD3Transformer2DModel
 
@@ -39,32 +38,20 @@ def fade_weight(images_seen: int, fade_images: int) -> float:
     return max(0.0, 1.0 - images_seen / fade_images)
 
 
-def _dit_table(model: LEDiTTransformer2DModel, height: int, width: int) -> torch.Tensor:
-    base = model.config.sample_size // model.config.patch_size
-    return sincos_position_table(model.config.hidden_size, height, width, base, base, "extrapolate")
-
-
-def _pixart_table(model: LEDiTPixArtTransformer2DModel, height: int, width: int) -> torch.Tensor:
-    return get_2d_sincos_pos_embed(model.pos_embed.proj.out_channels, (height, width),
-                                   base_size=model.config.sample_size // model.config.patch_size,
-                                   interpolation_scale=model.interpolation_scale, output_type="pt")
-
-
-def _sd3_table(model: LEDiTSD3Transformer2DModel, height: int, width: int) -> torch.Tensor:
-    cap, c = model.config.pos_embed_max_size, model.config
+def _sd3_table(model: LEDiTSD3Transformer2DModel, height: int, width: int, device) -> torch.Tensor:
+    cap = model.config.pos_embed_max_size
     if height > cap or width > cap:
         raise ValueError(f"a {height}x{width} token grid is past SD3's stored table ({cap}x{cap}); the source "
                          "model cannot run there, so there is no table to fade")
-    full = get_2d_sincos_pos_embed(c.num_attention_heads * c.attention_head_dim, cap,
-                                   base_size=c.sample_size // c.patch_size, output_type="pt")
-    top, left = (cap - height) // 2, (cap - width) // 2
-    return full.reshape(cap, cap, -1)[top:top + height, left:left + width].reshape(height * width, -1)
+    return model.position_table(height, width, device, "extrapolate")
 
 
-# model class -> (the patch-embedding module's attribute, the source's table for an h x w grid)
+# model class -> (the patch-embedding module's attribute, the stock model's table (1, N, D) for an h x w grid): each
+# class's own `position_table` at the scaling its stock model uses
 FAMILIES: Dict[type, Tuple[str, Callable]] = {
-    LEDiTTransformer2DModel: ("x_embedder", _dit_table),
-    LEDiTPixArtTransformer2DModel: ("pos_embed", _pixart_table),
+    LEDiTTransformer2DModel: ("x_embedder", lambda m, h, w, device: m.position_table(h, w, "extrapolate", device,
+                                                                                     torch.float32)),
+    LEDiTPixArtTransformer2DModel: ("pos_embed", lambda m, h, w, device: m.position_table(h, w, device)),
     LEDiTSD3Transformer2DModel: ("pos_embed", _sd3_table),
 }
 
@@ -92,17 +79,12 @@ class PositionFade:
         device = next(model.parameters()).device
         self.weight = torch.ones((), dtype=torch.float32, device=device)
         self.active = True
-        self._tables: Dict[tuple, torch.Tensor] = {}
         self._handle = getattr(model, attr).register_forward_hook(self._add_table)
         _FADES[model] = self
 
     def table(self, height: int, width: int, device, dtype) -> torch.Tensor:
-        """The source's table for an h x w token grid, (1, h*w, D), cached per grid, device and dtype."""
-        key = (height, width, str(device), dtype)
-        if key not in self._tables:
-            table = self._table_fn(self._model(), height, width).to(torch.float32)
-            self._tables[key] = table.to(device=device, dtype=dtype)[None]
-        return self._tables[key]
+        """The source's table for an h x w token grid, (1, h*w, D), from the model's own (cached) tables."""
+        return self._table_fn(self._model(), height, width, device).to(dtype)
 
     @torch.compiler.disable
     def _add_table(self, module, inputs, out):
