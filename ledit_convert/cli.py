@@ -149,15 +149,30 @@ def _print_summary(title: str, summary: dict):
         console.print(f"  note: {note}")
 
 
-@app.command(epilog="Example: ledit-convert inspect ledit-xl-2-256")
+@app.command(epilog="Example: ledit-convert inspect ledit-xl-2-256\n\n"
+                    "GPU memory of a fine-tune: ledit-convert inspect sd3.5-large --memory "
+                    "--recipe recipes/ledit-sd35-large-1024.yaml --gpus 8,16")
 @reported
 def inspect(
-    path: str = typer.Argument(..., help="A checkpoint file or model folder."),
+    path: str = typer.Argument(..., help="A checkpoint file or model folder; with --memory also a published model: "
+                                         "dit-xl-2-256, pixart-sigma-xl-2-1024, sd3.5-medium, sd3.5-large."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     num_heads: Optional[int] = typer.Option(None, help="Attention heads, for non-standard widths."),
     image_size: Optional[int] = typer.Option(None, help="Training image size in pixels, when no pos_embed says it."),
+    memory: bool = typer.Option(False, "--memory", help="Instead: GPU memory per process to fine-tune it with "
+                                                        "--recipe, under DDP and FSDP2 (reads config.json only)."),
+    recipe: Optional[Path] = typer.Option(None, help="With --memory: the recipe YAML (default: the defaults)."),
+    gpus: str = typer.Option("1,8,16", help="With --memory: GPU counts, comma-separated."),
+    micro_batch: Optional[int] = typer.Option(None, help="With --memory: images per GPU per micro-step (default: the "
+                                                         "recipe's global batch over GPUs and accumulation steps)."),
+    override: List[str] = typer.Option([], "--set", help="With --memory: any recipe key, --set lora_rank=64 "
+                                                         "(repeatable)."),
 ):
-    """Say what a file or folder is: format, variant, parameters, attention layout, provenance."""
+    """Say what a file or folder is: format, variant, parameters, attention layout, provenance; with --memory, what
+    fine-tuning it takes per GPU."""
+    if memory:
+        _print_memory(path, recipe, gpus, micro_batch, override, as_json)
+        return
     from .conversion.checkpoints import describe, read_checkpoint, read_json
     ckpt = read_checkpoint(path, num_heads=num_heads, image_size=image_size)
     summary = describe(ckpt)
@@ -174,6 +189,36 @@ def inspect(
         typer.echo(json.dumps(summary, indent=2))
     else:
         _print_summary(str(path), summary)
+
+
+_MEMORY_COLUMNS = ("strategy", "gpus", "micro_batch", "params", "grads", "optimizer", "ema", "activations", "total")
+
+
+def _print_memory(source: str, recipe: Optional[Path], gpus: str, micro_batch: Optional[int], override: List[str],
+                  as_json: bool):
+    """`inspect --memory`: GiB per GPU by strategy and GPU count (training/memory.py says what each term holds)."""
+    from .errors import ConfigError
+    from .training.memory import plan_rows, plans_for
+    from .training.recipe import load_recipe, parse_overrides
+    try:
+        counts = [int(n) for n in gpus.split(",") if n.strip()]
+    except ValueError:
+        raise ConfigError(f"--gpus {gpus!r}: expected comma-separated GPU counts, e.g. 1,8,16") from None
+    resolved = load_recipe(str(recipe) if recipe else None, parse_overrides(override))
+    size, tokens, plans = plans_for(source, resolved, counts, micro_batch)
+    rows = plan_rows(plans)
+    if as_json:
+        typer.echo(json.dumps({"model": source, "parameters": size.params, "trainable": size.trainable,
+                               "tokens_per_image": tokens, "gib_per_gpu": rows}, indent=2))
+        return
+    table = Table(title=f"{source}: {size.params / 1e9:.2f}B parameters ({size.trainable / 1e9:.2f}B trained), "
+                        f"{tokens} tokens per image; GiB per GPU", title_justify="left", title_style="bold")
+    for column in _MEMORY_COLUMNS:
+        table.add_column(column.replace("_", " "), justify="left" if column == "strategy" else "right")
+    for row in rows:
+        table.add_row(*(f"{row[c]:.1f}" if isinstance(row[c], float) else str(row[c]) for c in _MEMORY_COLUMNS))
+    console.print(table)
+    console.print("  plus the CUDA context and allocator slack, 2-4 GiB; fsdp2 needs 2 GPUs or more")
 
 
 @app.command(epilog="Example: ledit-convert sample ledit-xl-2-256 --vae stabilityai/sd-vae-ft-ema --height 512 "
@@ -418,8 +463,18 @@ def cache_latents_cmd(
     data: str = typer.Argument(..., help="Image folder (ImageNet layout; with --text-encoder, images with sidecar "
                                          ".txt captions) or saved HF dataset."),
     vae: str = typer.Option("stabilityai/sd-vae-ft-ema", help="VAE folder or hub id (a pipeline's: its vae/ is read)."),
-    resolution: int = typer.Option(256, help="Training image size in pixels."),
-    output: Path = typer.Option(..., "-o", "--output", help="Cache folder (rerun to resume an interrupted cache)."),
+    resolution: int = typer.Option(256, help="Training image size in pixels (square crops; see --buckets)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Cache folder (rerun to resume an interrupted cache; a "
+                                                            "bucketed one also takes in images added since)."),
+    buckets: Optional[str] = typer.Option(None, help="Aspect-ratio buckets instead of square crops: N (area ~N^2), "
+                                                     "N1,N2 (several resolutions), pixart-256/512/1024/2048, sd3-1024 "
+                                                     "or HxW,HxW."),
+    crop: str = typer.Option("center", help="Buckets: center | random (seeded per image) crop."),
+    max_upscale: float = typer.Option(1.0, help="Buckets: enlarge an image at most this much to cover its bucket "
+                                                "(1: never; smaller images are skipped and counted)."),
+    patch_size: int = typer.Option(2, help="Buckets: the model's patch size (bucket sides are multiples of the VAE's "
+                                           "downsampling x this)."),
+    seed: int = typer.Option(0, help="Buckets: seed of the random crops."),
     batch_size: int = typer.Option(32, help="Images per VAE batch."),
     shard_size: int = typer.Option(4096, help="Latents per safetensors shard."),
     flips: bool = typer.Option(True, "--flips/--no-flips", help="Also cache the mirrored images."),
@@ -444,6 +499,8 @@ def cache_latents_cmd(
     from .data.images import CaptionedImageFolder, ImageFolderDataset, HFImageDataset, detect_data_kind, load_class_map
     from .training.finetune import load_vae
     from .data.latents import cache_latents
+    from .data.bucket_cache import cache_bucketed_latents
+    from .data.buckets import parse_buckets
     from .errors import ConfigError, DataError
     from .inference.sampling import check_dtype
     from .inference.text_pipeline import load_text_encoders
@@ -461,7 +518,12 @@ def cache_latents_cmd(
     else:
         dataset = ImageFolderDataset(data, resolution, load_class_map(class_map) if class_map else None,
                                      random_flip=False)
-    dataset.load(0)  # a dataset with no readable image stops here, before the VAE and text encoders load
+    if buckets is None:
+        dataset.load(0)  # a dataset with no readable image stops here, before the VAE and text encoders load
+    elif crop not in ("center", "random"):
+        raise ConfigError(f"--crop {crop!r} is not center or random")
+    elif max_upscale < 1.0:
+        raise ConfigError(f"--max-upscale {max_upscale} must be >= 1 (1: never enlarge)")
     device = _device(device)
     model = load_vae(vae, "cpu")
     encoder = None
@@ -470,13 +532,26 @@ def cache_latents_cmd(
         encoder = load_text_encoders(family, path, max_length, device, check_dtype(text_dtype))
     with Progress(console=console) as bar:
         task = bar.add_task("encoding", total=len(dataset))
-        index = cache_latents(dataset, model, output, batch_size=batch_size, shard_size=shard_size,
-                              flip_variants=flips, device=device, dtype=torch_dtype,
-                              progress=lambda done, total: bar.update(task, completed=done, total=total),
-                              num_workers=num_workers, vae_id=vae, overwrite=overwrite, text_encoder=encoder)
-    console.print(f"[green]wrote[/] {output}: {index['count']} latents in {len(index['shards'])} shard(s)"
-                  + (f" with {encoder.max_length}-token captions" if captions else "")
-                  + (f"; skipped {index['skipped']} unreadable image(s)" if index.get("skipped") else ""))
+        common = dict(batch_size=batch_size, shard_size=shard_size, flip_variants=flips, device=device,
+                      dtype=torch_dtype, progress=lambda done, total: bar.update(task, completed=done, total=total),
+                      num_workers=num_workers, vae_id=vae, overwrite=overwrite, text_encoder=encoder)
+        if buckets is None:
+            index = cache_latents(dataset, model, output, **common)
+        else:
+            align = 2 ** (len(model.config.block_out_channels) - 1) * patch_size  # the VAE's downsampling x patch
+            index = cache_bucketed_latents(dataset, model, output, parse_buckets(buckets, align), align, crop=crop,
+                                           max_upscale=max_upscale, seed=seed, **common)
+    text = f" with {encoder.max_length}-token captions" if captions else ""
+    if buckets is None:
+        console.print(f"[green]wrote[/] {output}: {index['count']} latents in {len(index['shards'])} shard(s)" + text
+                      + (f"; skipped {index['skipped']} unreadable image(s)" if index.get("skipped") else ""))
+        return
+    sizes = sorted({tuple(s["bucket"]) for s in index["shards"]}, key=lambda b: b[0] / b[1])
+    console.print(f"[green]wrote[/] {output}: {index['count']} latents of {index['images']} images in "
+                  f"{len(sizes)} bucket(s) ({', '.join(f'{h}x{w}' for h, w in sizes)})" + text
+                  + (f"; skipped {index['unreadable']} unreadable image(s)" if index["unreadable"] else "")
+                  + "".join(f"; {n} image(s) too small for the {res} buckets (--max-upscale)"
+                            for res, n in index["too_small_per_resolution"].items() if n))
 
 
 def _device(device: str) -> str:

@@ -56,3 +56,11 @@ def test_early_recovery_scores_every_arm_at_every_point(tmp_path):
         assert r["heldout_loss_ema"] > 0 and r["heldout_loss_raw"] > 0 and -1.5 < r["probe_row_mid"] <= 1.0
     first = {r["arm"]: r for r in rows if r["images"] == 0}
     assert first["ledit@old"]["heldout_loss_ema"] == first["ledit@old"]["heldout_loss_raw"]  # EMA starts as a copy
+
+
+def test_bench_buckets_reports_both_rates_their_ratio_and_the_samplers_cost():
+    out = last_json([BENCH / "bench_buckets.py", "--batch", "2", "--hidden", "32", "--layers", "2", "--heads", "2",
+                     "--images", "6", "--steps", "1", "--warmup", "1", "--rounds", "1"])
+    assert out["square_images_per_s"] > 0 and out["bucketed_images_per_s"] > 0 and out["ratio"] > 0
+    assert len(out["rounds"]["square"]) == len(out["rounds"]["buckets"]) == 1
+    assert out["sampler_us_per_step"]["bucketed"] > 0 and out["sampler_us_per_step"]["plain"] > 0

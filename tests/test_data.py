@@ -60,8 +60,9 @@ def test_folder_labels_shapes_and_range(tmp_path):
     ds = ImageFolderDataset(make_folder(tmp_path), RES)
     assert len(ds) == 12 and ds.classes == ["a", "b", "c"]
     assert ds.labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
-    x, label, skipped = ds[5]
+    x, label, skipped, size = ds[5]
     assert x.shape == (3, RES, RES) and x.dtype == torch.float32 and label == 1 and skipped == 0
+    assert size.tolist() == [RES, RES]  # what PixArt-alpha's micro-conditions name for a square crop
     assert -1.0 <= x.min() and x.max() <= 1.0 and x.std() > 0.05  # random pixels, averaged by the resize
 
 

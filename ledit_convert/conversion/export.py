@@ -15,6 +15,9 @@ from .checkpoints import MODEL_CLASSES, WEIGHT_FILES
 from ..errors import OutputExistsError
 
 WEIGHTS_FILE = WEIGHT_FILES[0]
+# diffusers' save_pretrained default ("10GB"): a model past it (SD3.5 Large in fp32: 33 GB) is written as numbered
+# shards with an index, which from_pretrained and checkpoints.read_checkpoint both read
+MAX_SHARD_BYTES = 10 * 10 ** 9
 
 
 def refuse_existing(out: Path, overwrite: bool) -> None:
@@ -76,6 +79,39 @@ def save_weights(state_dict: Dict[str, torch.Tensor], path: Path) -> None:
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 
+def shard_names(state_dict: Dict[str, torch.Tensor], max_bytes: int) -> List[List[str]]:
+    """Tensor names per weights file, in state-dict order: a file takes tensors until the next would carry it past
+    `max_bytes` (a tensor larger than that gets a file of its own), as huggingface_hub's splitter does."""
+    files, size = [[]], 0
+    for name, tensor in state_dict.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if files[-1] and size + nbytes > max_bytes:
+            files.append([])
+            size = 0
+        files[-1].append(name)
+        size += nbytes
+    return files
+
+
+def save_weights_files(state_dict: Dict[str, torch.Tensor], folder: Path, max_shard_bytes: int = MAX_SHARD_BYTES
+                       ) -> List[str]:
+    """The weights as `WEIGHTS_FILE`, or past `max_shard_bytes` as diffusers' shards
+    (`diffusion_pytorch_model-00001-of-00004.safetensors`...) and their index; returns the file names."""
+    groups = shard_names(state_dict, max_shard_bytes)
+    if len(groups) == 1:
+        save_weights(state_dict, Path(folder) / WEIGHTS_FILE)
+        return [WEIGHTS_FILE]
+    stem, suffix = WEIGHTS_FILE.rsplit(".", 1)
+    names = [f"{stem}-{i + 1:05d}-of-{len(groups):05d}.{suffix}" for i in range(len(groups))]
+    for name, keys in zip(names, groups):  # one file's tensors serialised at a time
+        save_weights({k: state_dict[k] for k in keys}, Path(folder) / name)
+    total = sum(t.numel() * t.element_size() for t in state_dict.values())
+    weight_map = {k: name for name, keys in zip(names, groups) for k in keys}
+    write_json_atomic(Path(folder) / f"{WEIGHTS_FILE}.index.json", {"metadata": {"total_size": total},
+                                                                     "weight_map": weight_map})
+    return names
+
+
 def model_card(summary: Dict, changes: List[str], family: str = "dit", target: str = "LEDiT") -> str:
     """A short README.md for the output folder; `target` names what the model became (LEDiT, or DiT-RoPE)."""
     kind, tag = {"dit": ("class-conditional", "dit"), "pixart": ("text-to-image (PixArt)", "pixart"),
@@ -105,14 +141,15 @@ def model_card(summary: Dict, changes: List[str], family: str = "dit", target: s
 
 def write_model_folder(out: Path, config: Dict, state_dict: Dict[str, torch.Tensor], *, overwrite: bool,
                        provenance: Union[Dict, Callable[[], Dict], None] = None, card: Optional[str] = None,
-                       extra_files: Optional[Dict[str, str]] = None, family: str = "dit") -> Path:
+                       extra_files: Optional[Dict[str, str]] = None, family: str = "dit",
+                       max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
     """Write config.json, weights, model code, provenance and card into `out`, atomically, for a model of the
     family's class ("dit", "pixart" or "sd3"). `provenance` may be a function, called once the weights are written, so slow
-    inputs to it (a source hash) can run alongside."""
+    inputs to it (a source hash) can run alongside. Weights past `max_shard_bytes` are split into indexed shards."""
     out = Path(out)
     config_json = model_config_json(config, family)
     with atomic_folder(out, overwrite) as tmp:
-        save_weights(state_dict, tmp / WEIGHTS_FILE)
+        save_weights_files(state_dict, tmp, max_shard_bytes)
         write_json_atomic(tmp / "config.json", config_json)
         MODEL_CLASSES[family].write_remote_code(tmp)
         if provenance is not None:

@@ -1,16 +1,19 @@
 # Training data sources for fine-tuning: image folders, Hugging Face datasets, cached VAE latents.
 #
-# Every source yields `Sample(x, label, skipped)`; the default DataLoader collate keeps the named
+# Every source yields `Sample(x, label, skipped, size)`; the default DataLoader collate keeps the named
 # fields. `skipped` counts unreadable files passed over to produce the item, so a loop can sum it
 # across batches even when the reading happens in worker processes (each worker also logs the path).
-# Image preprocessing follows DiT's train.py: ADM center crop, random horizontal flip, [-1, 1].
+# `size` is the (height, width) PixArt-alpha's micro-conditions name: the training size for square
+# crops, the image's original size for aspect-ratio buckets (as PixArt trained its multi-aspect models).
+# Image preprocessing follows DiT's train.py: ADM center crop, random horizontal flip, [-1, 1];
+# bucketed data (buckets.py) resizes to cover its bucket the same way and crops to it.
 import io
 import json
 import logging
 import os
 import re
 from importlib import resources
-from typing import Dict, List, NamedTuple, Optional, Union
+from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -30,11 +33,13 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.Decompressio
 
 
 class Sample(NamedTuple):
-    """One training item: x (C, H, W) float32, its class label, and unreadable files passed over to get it."""
+    """One training item: x (C, H, W) float32, its class label, unreadable files passed over to get it, and the
+    (height, width) its micro-conditions name (float32 (2,))."""
 
     x: torch.Tensor
     label: int
     skipped: int
+    size: torch.Tensor
 
 
 class CaptionSample(NamedTuple):
@@ -43,6 +48,7 @@ class CaptionSample(NamedTuple):
     x: torch.Tensor
     caption: str
     skipped: int
+    size: torch.Tensor
 
 
 class EncodedSample(NamedTuple):
@@ -52,22 +58,45 @@ class EncodedSample(NamedTuple):
     x: torch.Tensor
     text: Dict[str, torch.Tensor]
     skipped: int
+    size: torch.Tensor
+
+
+def size_of(height: float, width: float) -> torch.Tensor:
+    """A sample's `size` field."""
+    return torch.tensor([float(height), float(width)])
 
 
 #################################################################################
 #                                 Transforms                                    #
 #################################################################################
 
+def cover_size(height: int, width: int, bucket_height: int, bucket_width: int) -> Tuple[int, int, int]:
+    """How `cover_crop` resizes a height x width image to cover the bucket: (BOX halvings, resized height, resized
+    width). It halves while the halved image still covers the bucket, then scales to just cover it."""
+    halvings = 0
+    while width >= 2 * bucket_width and height >= 2 * bucket_height:
+        width, height, halvings = width // 2, height // 2, halvings + 1
+    scale = max(bucket_height / height, bucket_width / width)
+    return halvings, max(bucket_height, round(height * scale)), max(bucket_width, round(width * scale))
+
+
+def cover_crop(image: Image.Image, height: int, width: int, top: Optional[int] = None,
+               left: Optional[int] = None) -> Image.Image:
+    """ADM's crop, to any size: BOX-halve while the halved image still covers height x width, BICUBIC to just cover
+    it (`cover_size`), crop at (top, left) of the resized image (default: the middle)."""
+    halvings, new_height, new_width = cover_size(image.size[1], image.size[0], height, width)
+    for _ in range(halvings):
+        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
+    image = image.resize((new_width, new_height), resample=Image.BICUBIC)
+    arr = np.asarray(image)
+    top = (new_height - height) // 2 if top is None else top
+    left = (new_width - width) // 2 if left is None else left
+    return Image.fromarray(arr[top: top + height, left: left + width])
+
+
 def center_crop_arr(image: Image.Image, resolution: int) -> Image.Image:
     """ADM's center crop: BOX-halve while the short side >= 2x, BICUBIC to the short side, crop the middle."""
-    while min(*image.size) >= 2 * resolution:
-        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
-    scale = resolution / min(*image.size)
-    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
-    arr = np.asarray(image)
-    top = (arr.shape[0] - resolution) // 2
-    left = (arr.shape[1] - resolution) // 2
-    return Image.fromarray(arr[top: top + resolution, left: left + resolution])
+    return cover_crop(image, resolution, resolution)
 
 
 def image_to_tensor(image: Image.Image, flip: bool = False) -> torch.Tensor:
@@ -134,8 +163,22 @@ class _ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def _item(self, index: int, x: torch.Tensor, skipped: int):
-        return Sample(x, int(self.labels[index]), skipped)
+    def _item(self, index: int, x: torch.Tensor, skipped: int, size: torch.Tensor):
+        return Sample(x, int(self.labels[index]), skipped, size)
+
+    def decode(self, index: int) -> Image.Image:
+        """Image `index` fully decoded as RGB; PIL's errors on a bad file propagate (see `_DECODE_ERRORS`)."""
+        with self._open(index) as opened:  # closes the file; convert forces the full decode here
+            return opened.convert("RGB")
+
+    def image_size(self, index: int) -> Optional[Tuple[int, int]]:
+        """(height, width) of image `index` from its header alone, or None (logged) when it cannot be read."""
+        try:
+            with self._open(index) as opened:
+                return opened.size[1], opened.size[0]
+        except _DECODE_ERRORS as e:
+            self._record_skip(index, e)
+            return None
 
     def load(self, index: int, flip: bool = False) -> Sample:
         """Item `index`, or the next readable one if its file cannot be decoded (counted in `skipped`)."""
@@ -143,13 +186,12 @@ class _ImageDataset(torch.utils.data.Dataset):
         for skipped in range(tries):
             j = (index + skipped) % len(self)
             try:
-                with self._open(j) as opened:  # closes the file; convert forces the full decode here
-                    image = opened.convert("RGB")
+                image = self.decode(j)
             except _DECODE_ERRORS as e:
                 self._record_skip(j, e)
                 continue
             x = image_to_tensor(center_crop_arr(image, self.resolution), flip)
-            return self._item(j, x, skipped)
+            return self._item(j, x, skipped, size_of(self.resolution, self.resolution))
         raise DataError(f"{self._describe(index)}: {tries} unreadable images in a row"
                         + (", every image of the dataset" if tries == len(self) else "; the dataset looks corrupt"))
 
@@ -186,6 +228,10 @@ class _FolderDataset(_ImageDataset):
 
     def _describe(self, index: int) -> str:
         return os.path.join(self.root, os.fsdecode(self._paths[index]))
+
+    def key(self, index: int) -> str:
+        """Image `index`'s name within the dataset (its path relative to the root): what a cache records."""
+        return os.fsdecode(self._paths[index])
 
 
 class ImageFolderDataset(_FolderDataset):
@@ -263,8 +309,8 @@ class CaptionedImageFolder(_FolderDataset):
         self._paths = np.array([os.fsencode(os.path.relpath(p, self.root)) for p in files])
         self.labels = np.zeros(len(files), dtype=np.int64)  # one class: text models take no class ids
 
-    def _item(self, index: int, x: torch.Tensor, skipped: int) -> CaptionSample:
-        return CaptionSample(x, self.captions[index], skipped)
+    def _item(self, index: int, x: torch.Tensor, skipped: int, size: torch.Tensor) -> CaptionSample:
+        return CaptionSample(x, self.captions[index], skipped, size)
 
 
 def read_caption(path: str) -> str:
@@ -320,10 +366,10 @@ class HFImageDataset(_ImageDataset):
         feature = ds.features.get(label_column)
         self.classes = list(getattr(feature, "names", None) or [])
 
-    def _item(self, index: int, x: torch.Tensor, skipped: int):
+    def _item(self, index: int, x: torch.Tensor, skipped: int, size: torch.Tensor):
         if self.captions is None:
-            return super()._item(index, x, skipped)
-        return CaptionSample(x, self.captions[index], skipped)
+            return super()._item(index, x, skipped, size)
+        return CaptionSample(x, self.captions[index], skipped, size)
 
     def _open(self, index: int) -> Image.Image:
         value = self.ds[index][self.image_column]  # the Image feature decodes here, inside load's try
@@ -341,6 +387,10 @@ class HFImageDataset(_ImageDataset):
 
     def _describe(self, index: int) -> str:
         return f"{self.path}[{index}]"
+
+    def key(self, index: int) -> str:
+        """Row `index`'s name within the dataset: what a cache records."""
+        return str(index)
 
 
 #################################################################################
@@ -367,7 +417,7 @@ class ArrayImageDataset(torch.utils.data.Dataset):
     def load(self, index: int, flip: bool = False) -> Sample:
         """Image `index` as float CHW in [-1, 1], mirrored when `flip`."""
         x = self.images[index].permute(2, 0, 1).float() / 127.5 - 1.0
-        return Sample(x.flip(-1) if flip else x, int(self.labels[index]), 0)
+        return Sample(x.flip(-1) if flip else x, int(self.labels[index]), 0, size_of(*x.shape[-2:]))
 
     def __getitem__(self, index: int) -> Sample:
         return self.load(index, self.random_flip and bool(torch.rand(()) < 0.5))
@@ -402,9 +452,13 @@ def check_labels(labels: np.ndarray, num_classes: int, where: str, names: Option
 def open_training_data(path: Union[str, os.PathLike], resolution: int, num_classes: int, patch_size: int = 2,
                        random_flip: bool = True, class_map=None, image_column: str = "image",
                        label_column: str = "label", split: str = "train", vae_downsample: int = 8,
-                       kind: str = "auto", captions: bool = False, caption_column: str = "caption"):
+                       kind: str = "auto", captions: bool = False, caption_column: str = "caption",
+                       buckets: Optional[str] = None, bucket_crop: str = "center", bucket_max_upscale: float = 1.0,
+                       seed: int = 0):
     """Open an image folder, saved HF dataset or latent cache, checked against the model's shape and classes;
-    with `captions`, their captioned kinds (sidecar .txt captions, a caption column, a cache with text)."""
+    with `captions`, their captioned kinds (sidecar .txt captions, a caption column, a cache with text). A
+    bucketed cache comes in its buckets; images come in `buckets` (a bucket spec, buckets.parse_buckets) when
+    given."""
     path = os.fspath(path)
     kind = detect_data_kind(path) if kind == "auto" else kind
     factor = vae_downsample * patch_size
@@ -412,14 +466,7 @@ def open_training_data(path: Union[str, os.PathLike], resolution: int, num_class
         raise DataError(f"resolution {resolution} is not a positive multiple of {factor} "
                         f"(VAE downsampling {vae_downsample} x patch size {patch_size})")
     if kind == "latents":
-        from .latents import CachedLatentsDataset
-
-        ds = CachedLatentsDataset(path, random_flip=random_flip)
-        if ds.resolution != resolution:
-            raise DataError(f"{path}: latents were cached at resolution {ds.resolution}, training asks for {resolution}")
-        if captions != (ds.text is not None):
-            raise DataError(f"{path}: the cache holds {'no ' if captions else ''}encoded captions, but the model is "
-                            f"{'text' if captions else 'class'}-conditional")
+        ds = _open_cache(path, resolution, random_flip, captions, buckets)
     elif kind == "hf":
         ds = HFImageDataset(path, resolution, image_column, label_column, split, random_flip,
                             caption_column=caption_column if captions else None)
@@ -428,6 +475,35 @@ def open_training_data(path: Union[str, os.PathLike], resolution: int, num_class
             ImageFolderDataset(path, resolution, class_map, random_flip)
     else:
         raise DataError(f"unknown data kind {kind!r}; expected auto, images, hf or latents")
+    if buckets is not None and kind != "latents":
+        from .buckets import BucketedImages, parse_buckets
+        ds = BucketedImages(ds, parse_buckets(buckets, factor), bucket_crop, bucket_max_upscale, seed)
     if not captions:
         check_labels(ds.labels, num_classes, path, getattr(ds, "label_names", None))
+    return ds
+
+
+def _open_cache(path: str, resolution: int, random_flip: bool, captions: bool, buckets: Optional[str]):
+    """A square or bucketed latent cache, checked against the training's resolution and conditioning."""
+    from .bucket_cache import BucketedLatents
+    from .latents import INDEX_FILE, CachedLatentsDataset
+    from ..conversion.checkpoints import read_json
+
+    index = os.path.join(path, INDEX_FILE)
+    bucketed = os.path.isfile(index) and bool(read_json(index, DataError).get("bucketed"))
+    if buckets is not None:
+        raise DataError(f"{path}: a latent cache is bucketed (or not) when it is cached; the recipe's buckets "
+                        f"{buckets!r} apply to image data (drop the key, or cache with --buckets)")
+    if bucketed:
+        ds = BucketedLatents(path, random_flip=random_flip)
+        if resolution not in ds.groups:
+            raise DataError(f"{path}: buckets were cached at resolution(s) {', '.join(map(str, ds.groups))}; set "
+                            f"the recipe's resolution (the size evaluations default to) to one of them")
+    else:
+        ds = CachedLatentsDataset(path, random_flip=random_flip)
+        if ds.resolution != resolution:
+            raise DataError(f"{path}: latents were cached at resolution {ds.resolution}, training asks for {resolution}")
+    if captions != (ds.text is not None):
+        raise DataError(f"{path}: the cache holds {'no ' if captions else ''}encoded captions, but the model is "
+                        f"{'text' if captions else 'class'}-conditional")
     return ds

@@ -28,7 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .images import EncodedSample, Sample
+from .images import EncodedSample, Sample, size_of
 from ..errors import ConfigError, DataError, OutputExistsError
 
 INDEX_FILE = "index.json"
@@ -42,7 +42,8 @@ def is_latent_cache(folder) -> bool:
     """True if the folder holds an index.json or latent shards (complete or not)."""
     if os.path.isfile(os.path.join(folder, INDEX_FILE)):
         return True
-    return any(n.startswith("latents_") and n.endswith(".safetensors") for n in os.listdir(folder))
+    return any((n.startswith("latents_") and n.endswith(".safetensors")) or n.startswith("chunk_")
+               for n in os.listdir(folder))
 
 
 class _Unflipped(torch.utils.data.Dataset):
@@ -185,7 +186,7 @@ def _encode_range(dataset, vae, start, stop, batch_size, flip_variants, device, 
     names = ("mean", "std", "mean_flip", "std_flip", "labels") + tuple(f"text_{k}" for k in empty_text)
     parts = {k: [] for k in names}
     skipped, done = 0, done_before
-    for x, labels, skips in loader:
+    for x, labels, skips, _ in loader:
         # an item with skips > 0 is a stand-in (the next readable image), which is also cached under
         # its own index: dropping it leaves exactly the readable images, each once
         keep = skips == 0
@@ -303,11 +304,20 @@ class CachedLatentsDataset(torch.utils.data.Dataset):
         Sample with its label, or for captioned data an EncodedSample with its caption's tokens."""
         mean, std = self.posterior(index, flip)
         latent = (mean + std * torch.randn(mean.shape, generator=generator) - self.shift_factor) * self.scaling_factor
+        size = self._size(index)
         if self.text is None:
-            return Sample(latent, int(self.labels[index]), 0)
-        handle, row = self._locate(index)
+            return Sample(latent, int(self.labels[index]), 0, size)
+        handle, row = self._text_row(index)
         text = {f: _loaded(f, handle.get_slice(f"text_{f}")[row:row + 1][0]) for f in self.text["fields"]}
-        return EncodedSample(latent, text, 0)
+        return EncodedSample(latent, text, 0, size)
+
+    def _size(self, index: int) -> torch.Tensor:
+        """The size item `index`'s micro-conditions name: the training size of a square cache."""
+        return size_of(self.resolution, self.resolution)
+
+    def _text_row(self, index: int):
+        """The open file holding item `index`'s caption tokens and their row there: its own shard's row."""
+        return self._locate(index)
 
     def null_text(self) -> Dict[str, torch.Tensor]:
         """The empty prompt's token fields (masks int64, the rest float32), for caption dropout."""

@@ -212,12 +212,6 @@ class TextCondition:
         return out
 
 
-def micro_conditions(batch: int, height: int, width: int, device=None) -> Dict[str, torch.Tensor]:
-    """PixArt-alpha's micro-conditions for images of height x width pixels: resolution (h, w), aspect ratio h / w."""
-    return {"resolution": torch.tensor([[float(height), float(width)]], device=device).repeat(batch, 1),
-            "aspect_ratio": torch.tensor([[height / width]], device=device).repeat(batch, 1)}
-
-
 def read_prompts(path: str) -> List[str]:
     """Prompts of a text file, one per non-empty line."""
     try:

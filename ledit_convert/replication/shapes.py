@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data.images import Sample
+from ..data.images import Sample, size_of
 from ..errors import ConfigError, OutputExistsError
 
 SHAPES = ("circle", "square", "triangle", "plus", "ring", "diamond", "star", "cross")
@@ -183,9 +183,9 @@ class ShapesDataset(torch.utils.data.Dataset):
         return render_scene(self.scene(index), height or self.height, width or self.width)
 
     def load(self, index: int, flip: bool = False) -> Sample:
-        """Item `index` as Sample(x (3, H, W) float32 in [-1, 1], label, skipped=0), optionally mirrored."""
+        """Item `index` as Sample(x (3, H, W) float32 in [-1, 1], label, skipped=0, size), optionally mirrored."""
         x = torch.from_numpy(self.render(index)).permute(2, 0, 1).float() / 127.5 - 1.0
-        return Sample(x.flip(-1) if flip else x, int(self.labels[index]), 0)
+        return Sample(x.flip(-1) if flip else x, int(self.labels[index]), 0, size_of(*x.shape[-2:]))
 
     def __getitem__(self, index: int) -> Sample:
         # the global RNG, as data.images does: DataLoader seeds it per worker

@@ -7,7 +7,7 @@ import torch
 
 from ..conversion.checkpoints import LEDIT_CLASS_NAMES, read_json
 from ..data.images import CaptionSample, EncodedSample
-from ..data.text import TextCondition, micro_conditions
+from ..data.text import TextCondition
 from ..errors import CheckpointError, ConfigError, DataError
 from .flow import FlowSchedule
 from .recipe import Recipe
@@ -87,9 +87,10 @@ def text_inputs(dataset, recipe: Recipe, cfg, data, device, family: str):
     return encoder, {k: v.to(device) for k, v in null.items()}
 
 
-def condition(run, batch, side: int):
+def condition(run, batch):
     """A collated batch's condition on the device: class ids (Sample), or a TextCondition from cached tokens
-    (EncodedSample) or from captions encoded now (CaptionSample); `side` is the images' size in pixels."""
+    (EncodedSample) or from captions encoded now (CaptionSample), with PixArt-alpha's micro-conditions when the
+    model has them: each item's `size` and the batch's aspect ratio (height / width of its images)."""
     device = run.accelerator.device
     if isinstance(batch, EncodedSample):
         tokens = {k: v.to(device, non_blocking=True) for k, v in batch.text.items()}
@@ -99,5 +100,7 @@ def condition(run, batch, side: int):
         return batch[1].to(device, non_blocking=True)
     micro = None
     if getattr(run.config, "use_additional_conditions", False):
-        micro = micro_conditions(len(tokens["embeds"]), side, side, device)
+        height, width = batch.x.shape[-2:]
+        micro = {"resolution": batch.size.to(device), "aspect_ratio": torch.full(
+            (len(batch.size), 1), height / width, device=device)}
     return TextCondition(tokens, run.null_text, micro)

@@ -23,8 +23,10 @@ from .recipe import Recipe, save_recipe
 from .families import FULLY_TRAINED_WITH_LORA, apply_lora, condition, flow_schedule, model_family, text_inputs
 from .position_fade import PositionFade, suspended
 from .trainstep import diffusion_loss, ema_decay, flow_training_loss, learning_rate
-from .runstate import (ResumableSampler, SeededItems, finish_checkpoint, list_checkpoints, partial_dir, read_state,
-                       resolve_resume, rng_state, set_rng_state, update_ema, write_state)
+from .sharding import (SHARDED_FOLDER, check_launch, device_mesh, gather_to_main, load_sharded, prepare_sharded,
+                       save_sharded, shard_model, sharded_ema, sync_adapters)
+from .runstate import (finish_checkpoint, list_checkpoints, partial_dir, read_state, resolve_resume, rng_state,
+                       set_rng_state, training_loader, update_ema, write_state)
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +38,8 @@ class Run:
     accelerator: object
     recipe: Recipe
     model: torch.nn.Module  # prepared (maybe DDP-wrapped, compiled)
-    raw_model: torch.nn.Module  # the unwrapped model (peft-wrapped when LoRA)
-    ema: torch.nn.Module
+    raw_model: torch.nn.Module  # the unwrapped model (peft-wrapped when LoRA; the FSDP2 root when sharded)
+    ema: Optional[torch.nn.Module]  # a whole fp32 copy (None when sharded: see ema_shards)
     trainable: List[torch.nn.Parameter]
     ema_trainable: List[torch.Tensor]
     optimizer: torch.optim.Optimizer
@@ -58,6 +60,7 @@ class Run:
     null_text: Optional[Dict] = None  # the empty prompt's token fields on the device, for caption dropout
     flow: Optional[object] = None  # flow.FlowSchedule when the objective is rectified flow (SD3)
     fade: Optional[PositionFade] = None  # the source's table fading out (recipe position_fade_images)
+    ema_shards: Optional[Dict[str, torch.Tensor]] = None  # fsdp2: the EMA by parameter name, sharded as they are
 
     @property
     def config(self):
@@ -99,6 +102,8 @@ def setup(model_dir: str, data, recipe: Recipe, output_dir: str, resume: Optiona
     text = family != "dit"
     num_classes = 0 if text else cfg.num_classes
     resume_from = resolve_resume(resume, output_dir)
+    if resume_from is not None:
+        _check_layout(resume_from, recipe)
     if resume is None and (output_dir / "checkpoints").exists() and any((output_dir / "checkpoints").iterdir()):
         raise ConfigError(f"{output_dir}: holds checkpoints of an earlier run; pass --resume latest or another "
                           "--output-dir")
@@ -108,6 +113,7 @@ def setup(model_dir: str, data, recipe: Recipe, output_dir: str, resume: Optiona
         log_with=trackers or None, project_config=ProjectConfiguration(project_dir=str(output_dir),
                                                                        logging_dir=str(output_dir / "logs")))
     micro_batch = recipe.per_process_batch(accelerator.num_processes)
+    check_launch(accelerator, recipe)
     if recipe.attention_backend == "flex" and accelerator.device.type != "cuda":
         raise ConfigError(f"attention_backend 'flex' trains on CUDA only (FlexAttention has no backward on "
                           f"{accelerator.device.type}); use auto or sdpa")
@@ -126,7 +132,9 @@ def setup(model_dir: str, data, recipe: Recipe, output_dir: str, resume: Optiona
                                      random_flip=recipe.random_flip, class_map=recipe.class_map,
                                      image_column=recipe.image_column, label_column=recipe.label_column,
                                      vae_downsample=factor, kind=kind, captions=text,
-                                     caption_column=recipe.caption_column)
+                                     caption_column=recipe.caption_column, buckets=recipe.buckets,
+                                     bucket_crop=recipe.bucket_crop, bucket_max_upscale=recipe.bucket_max_upscale,
+                                     seed=recipe.seed)
     else:
         from ..data.images import check_labels
         dataset = data
@@ -138,11 +146,7 @@ def setup(model_dir: str, data, recipe: Recipe, output_dir: str, resume: Optiona
         dataset.load(0)
     if _uses_vae(recipe, is_latents):  # encodes the batches, or decodes validation and evaluation samples
         check_vae_fits(recipe.vae, cfg, family, str(model_path), ConfigError)
-    channels, side = (dataset.latent_shape[0], dataset.latent_shape[-1]) if is_latents else \
-        (3 if recipe.vae is None else cfg.in_channels, recipe.resolution // factor)
-    if side % cfg.patch_size or channels != cfg.in_channels:
-        raise DataError(f"{data}: {recipe.resolution}px images give {channels} x {side}x{side} inputs, which do not "
-                        f"fit a model with {cfg.in_channels} input channels and patch {cfg.patch_size}")
+    _check_input_shapes(dataset, data, recipe, cfg, factor, is_latents)
     vae = None if is_latents else load_vae(recipe.vae, accelerator.device)
     text_encoder, null_text = (text_inputs(dataset, recipe, cfg, data, accelerator.device, family) if text
                                else (None, None))
@@ -156,16 +160,27 @@ def setup(model_dir: str, data, recipe: Recipe, output_dir: str, resume: Optiona
     if recipe.lora_rank > 0:
         model = apply_lora(model, recipe, family)
     model.train()
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    sharded = recipe.distributed == "fsdp2"
+    ema = None if sharded else copy.deepcopy(model).eval().requires_grad_(False)
     # after the EMA copy: the fading table hooks the trained model only, so the EMA and exports never have it
     fade = PositionFade(base_model, recipe.position_fade_images) if recipe.position_fade_images else None
+    ema_shards = None
+    if sharded:  # in place, before the optimizer takes the parameters; the EMA is cloned from the shards
+        sync_adapters(model, accelerator.device)
+        shard_model(model, device_mesh(accelerator.device, accelerator.num_processes), recipe.mixed_precision,
+                    recipe.fsdp_reshard_after_forward)
+        ema_shards = sharded_ema(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    ema_trainable = [p for p, q in zip(ema.parameters(), model.parameters()) if q.requires_grad]
+    ema_trainable = list(ema_shards.values()) if sharded else \
+        [p for p, q in zip(ema.parameters(), model.parameters()) if q.requires_grad]
     fused = accelerator.device.type == "cuda"
     optimizer = torch.optim.AdamW(trainable, lr=recipe.learning_rate, weight_decay=recipe.weight_decay,
                                   betas=(recipe.adam_beta1, recipe.adam_beta2), eps=recipe.adam_eps, fused=fused)
-    ema.to(accelerator.device)
-    prepared, optimizer = accelerator.prepare(model, optimizer)
+    if sharded:
+        prepared, optimizer = prepare_sharded(accelerator, model, optimizer)
+    else:
+        ema.to(accelerator.device)
+        prepared, optimizer = accelerator.prepare(model, optimizer)
     if recipe.compile:
         compile_blocks(model, recipe.compile_mode)  # regional and lazy: failures surface at the first step
     step_generator = torch.Generator(device=accelerator.device).manual_seed(recipe.seed * 1000 + accelerator.process_index)
@@ -174,17 +189,12 @@ def setup(model_dir: str, data, recipe: Recipe, output_dir: str, resume: Optiona
     run = Run(accelerator, recipe, prepared, model, ema, trainable, ema_trainable, optimizer, None,
               DiffusionSchedule(), vae, step_generator, output_dir, model_path, micro_batch,
               compile_pending=recipe.compile, family=family, text_encoder=text_encoder, null_text=null_text,
-              flow=flow, fade=fade)
+              flow=flow, fade=fade, ema_shards=ema_shards)
     consumed = 0
     if resume_from is not None:
         consumed = _load_checkpoint(run, resume_from)
-    sampler = ResumableSampler(len(dataset), recipe.seed, accelerator.process_index, accelerator.num_processes,
-                                   consumed)
-    run.loader = torch.utils.data.DataLoader(
-        SeededItems(dataset, recipe.seed, recipe.random_flip), batch_size=micro_batch, sampler=sampler,
-        num_workers=recipe.num_workers, pin_memory=accelerator.device.type == "cuda", drop_last=True,
-        persistent_workers=recipe.num_workers > 0,
-        generator=torch.Generator().manual_seed(recipe.seed))  # keeps worker seeding off the global RNG stream
+    run.loader = training_loader(dataset, recipe, micro_batch, accelerator.process_index, accelerator.num_processes,
+                                 consumed, pin_memory=accelerator.device.type == "cuda")
     if flow is not None and recipe.eval_every:
         raise ConfigError("eval_every: evaluation during training measures DiT's objective; a flow-trained model is "
                           "evaluated with `ledit-convert evaluate --prompts-file`")
@@ -199,6 +209,24 @@ def setup(model_dir: str, data, recipe: Recipe, output_dir: str, resume: Optiona
         flat = {k: (str(v) if isinstance(v, (list, type(None))) else v) for k, v in recipe.to_dict().items()}
         accelerator.init_trackers("ledit-finetune", config=flat)
     return run
+
+
+def _check_input_shapes(dataset, data, recipe: Recipe, cfg, factor: int, is_latents: bool) -> None:
+    """A DataError when the data's inputs (every bucket's, for bucketed data) do not fit the model's input channels
+    and patch size."""
+    channels = dataset.latent_shape[0] if is_latents else (3 if recipe.vae is None else cfg.in_channels)
+    if hasattr(dataset, "bucket_of_item"):
+        sizes = getattr(dataset, "latent_sizes", None) or [(h // factor, w // factor) for h, w in dataset.buckets]
+        what = "bucketed data"
+    elif is_latents:
+        sizes, what = [tuple(dataset.latent_shape[-2:])], f"{recipe.resolution}px latents"
+    else:
+        sizes, what = [(recipe.resolution // factor,) * 2], f"{recipe.resolution}px images"
+    bad = [(h, w) for h, w in sizes if h % cfg.patch_size or w % cfg.patch_size]
+    if bad or channels != cfg.in_channels:
+        h, w = (bad or sizes)[0]
+        raise DataError(f"{data}: {what} give {channels} x {h}x{w} inputs, which do not fit a model with "
+                        f"{cfg.in_channels} input channels and patch {cfg.patch_size}")
 
 
 def _build_evaluator(run: Run, heldout):
@@ -240,7 +268,7 @@ def _heldout_inputs(run: Run, heldout):
     items = [heldout.sample(i, False, g) if hasattr(heldout, "posterior") else heldout.load(i, False) for i in range(n)]
     batch = torch.utils.data.default_collate(items)
     x = batch[0].to(run.accelerator.device)
-    labels = condition(run, batch, recipe.resolution).to("cpu")  # class ids or a TextCondition
+    labels = condition(run, batch).to("cpu")  # class ids or a TextCondition
     # the posterior draw has its own generator: the training RNG (and so a resumed run) must not see it
     own = torch.Generator(device=run.accelerator.device).manual_seed(recipe.eval_seed)
     x0 = _encode(run, x, own) if not hasattr(heldout, "posterior") else x
@@ -289,7 +317,7 @@ def _step(run: Run, batch) -> torch.Tensor:
     x, skipped = batch[0], batch[2]
     device = run.accelerator.device
     x = x.to(device, non_blocking=True)
-    labels = condition(run, batch, run.recipe.resolution)
+    labels = condition(run, batch)
     run.skipped_images += int(skipped.sum())  # counted on the CPU batch: no device sync
     x0 = _encode(run, x)
     with run.accelerator.accumulate(run.model):
@@ -377,24 +405,38 @@ def train(run: Run, progress: Optional[Callable[[Dict], None]] = None,
 #################################################################################
 
 def save_checkpoint(run: Run) -> Path:
-    """Model, EMA, optimizer, RNG states and data position, written to a partial folder then renamed."""
+    """Model, EMA, optimizer, RNG states and data position, written to a partial folder then renamed. Sharded (fsdp2)
+    runs write the first three with torch.distributed.checkpoint, every process its own shards."""
     acc = run.accelerator
     folder = partial_dir(run.output_dir, run.step)
     if acc.is_main_process:
         folder.mkdir(parents=True, exist_ok=True)
     acc.wait_for_everyone()
     torch.save(rng_state(run.step_generator), folder / f"rng_{acc.process_index}.pt")
+    if run.ema_shards is not None:
+        save_sharded(folder / SHARDED_FOLDER, run.raw_model, run.optimizer, run.ema_shards)
     acc.wait_for_everyone()
     if acc.is_main_process:
-        save_file(cpu_state_dict(run.raw_model), str(folder / "model.safetensors"))
-        save_file(cpu_state_dict(run.ema), str(folder / "ema.safetensors"))
-        torch.save(run.optimizer.state_dict(), folder / "optimizer.pt")
+        if run.ema_shards is None:
+            save_file(cpu_state_dict(run.raw_model), str(folder / "model.safetensors"))
+            save_file(cpu_state_dict(run.ema), str(folder / "ema.safetensors"))
+            torch.save(run.optimizer.state_dict(), folder / "optimizer.pt")
+        layout = {"distributed": "fsdp2"} if run.ema_shards is not None else {}  # absent: ddp (older checkpoints)
         write_state(folder, {"step": run.step, "consumed_per_process": run.step * run.micro_batch *
                              run.recipe.gradient_accumulation_steps, "num_processes": acc.num_processes,
-                             "skipped_images": run.skipped_images, "tool_version": __version__})
+                             "skipped_images": run.skipped_images, "tool_version": __version__, **layout})
         finish_checkpoint(run.output_dir, run.step, run.recipe.keep_checkpoints)
     acc.wait_for_everyone()
     return run.output_dir / "checkpoints" / f"step_{run.step:08d}"
+
+
+def _check_layout(folder: Path, recipe: Recipe) -> None:
+    """A ConfigError, before anything is built, when a checkpoint was saved by a ddp run and resumed as fsdp2 or the
+    other way round: the files differ (safetensors of whole tensors, or one shard per process)."""
+    saved = read_state(folder).get("distributed", "ddp")  # checkpoints from before fsdp2 are ddp ones
+    if saved != recipe.distributed:
+        raise ConfigError(f"{folder}: saved by a {saved} run, resumed with distributed={recipe.distributed}; resume "
+                          f"with distributed={saved}")
 
 
 def _load_checkpoint(run: Run, folder: Path) -> int:
@@ -404,9 +446,12 @@ def _load_checkpoint(run: Run, folder: Path) -> int:
     if state["num_processes"] != acc.num_processes:
         raise ConfigError(f"{folder}: saved with {state['num_processes']} process(es), resumed with "
                           f"{acc.num_processes}; the data order would change")
-    run.raw_model.load_state_dict(load_safetensors(folder / "model.safetensors"), strict=True)
-    run.ema.load_state_dict(load_safetensors(folder / "ema.safetensors"), strict=True)
-    run.optimizer.load_state_dict(torch_load_safely(folder / "optimizer.pt"))
+    if run.ema_shards is not None:
+        load_sharded(folder / SHARDED_FOLDER, run.raw_model, run.optimizer, run.ema_shards)
+    else:
+        run.raw_model.load_state_dict(load_safetensors(folder / "model.safetensors"), strict=True)
+        run.ema.load_state_dict(load_safetensors(folder / "ema.safetensors"), strict=True)
+        run.optimizer.load_state_dict(torch_load_safely(folder / "optimizer.pt"))
     set_rng_state(torch_load_safely(folder / f"rng_{acc.process_index}.pt"), run.step_generator)
     run.step = state["step"]
     run.skipped_images = state.get("skipped_images", 0)
@@ -420,10 +465,26 @@ def _ema_note(recipe: Recipe) -> str:
     return f"EMA half-life {recipe.ema_half_life_images:g} images{ramp}"
 
 
-def _write_ema_folder(run: Run, out: Path, extra: Dict) -> None:
+def _gathered_ema(run: Run) -> Optional[torch.nn.Module]:
+    """A sharded run's EMA as a whole fp32 model on the main process's CPU (None elsewhere), gathered one tensor at a
+    time into a skeleton built on the meta device (peft-wrapped under LoRA, as the trained model is). Every process
+    calls it."""
+    state = gather_to_main(run.raw_model, run.ema_shards, run.accelerator.is_main_process)
+    if state is None:
+        return None
+    with torch.device("meta"):  # no memory until the gathered tensors are assigned
+        skeleton = MODEL_CLASSES[run.family](**{k: v for k, v in dict(run.config).items() if not k.startswith("_")})
+        if run.recipe.lora_rank > 0:
+            skeleton = apply_lora(skeleton, run.recipe, run.family)
+    skeleton.load_state_dict(state, strict=True, assign=True)
+    return skeleton.eval()
+
+
+def _write_ema_folder(run: Run, out: Path, extra: Dict, ema: Optional[torch.nn.Module] = None) -> None:
     """The EMA weights as a model folder (surgery's format), LoRA merged; with LoRA also `<out>-lora/`, the adapter in
-    diffusers' format and the fully trained modules, for the folder the fine-tune started from; main process only."""
-    ema = copy.deepcopy(run.ema).cpu().float()
+    diffusers' format and the fully trained modules, for the folder the fine-tune started from; main process only.
+    `ema`: an fp32 CPU model to write (consumed: LoRA merges into it), by default a copy of run.ema."""
+    ema = copy.deepcopy(run.ema).cpu().float() if ema is None else ema
     if run.recipe.lora_rank > 0:
         export_lora(ema, out.parent / f"{out.name}-lora", FULLY_TRAINED_WITH_LORA[run.family])  # before the merge
         ema = ema.merge_and_unload()
@@ -438,8 +499,9 @@ def _write_ema_folder(run: Run, out: Path, extra: Dict) -> None:
 def export_ema(run: Run, summary: Dict) -> Path:
     """Write the EMA weights as a model folder (same format as surgery) to <output-dir>/model."""
     out = run.output_dir / "model"
+    ema = _gathered_ema(run) if run.ema_shards is not None else None  # every process joins the gather
     if run.accelerator.is_main_process:
-        _write_ema_folder(run, out, {"training": summary})
+        _write_ema_folder(run, out, {"training": summary}, ema)
     run.accelerator.wait_for_everyone()
     return out
 

@@ -28,6 +28,14 @@ class Recipe:
     text_max_length: Optional[int] = None  # (T5) tokens per caption when text_encoder encodes (default: PixArt 300
     # (alpha trained with 120), SD3 256)
     random_flip: bool = True  # ADM: random horizontal flip
+    # aspect-ratio buckets (data.buckets): `buckets` buckets an image folder or dataset on the fly, as cache-latents
+    # --buckets does (a bucketed cache carries its own); batches never mix shapes
+    buckets: Optional[str] = None  # e.g. "512", "256,384", "pixart-512", "512x384,384x512"
+    bucket_crop: str = "center"  # center | random (seeded per image) crop after resizing to cover the bucket
+    bucket_max_upscale: float = 1.0  # an image is not enlarged more than this to cover a bucket (1: never)
+    bucket_resolutions: List[int] = field(default_factory=list)  # train on these of the data's resolutions (all)
+    bucket_weights: List[float] = field(default_factory=list)  # per bucket_resolutions: share of batches (by size)
+    bucket_short: str = "drop"  # a bucket's last incomplete global batch: drop (seen next epoch) | pad (repeat items)
     num_workers: int = 4
     # optimisation
     steps: int = 100_000  # the paper: 100K steps
@@ -61,6 +69,12 @@ class Recipe:
     attention_backend: str = "auto"  # auto (FlexAttention for 2D scans on CUDA) | sdpa | flex | math
     lora_rank: int = 0  # 0 trains every weight; >0 LoRA on attention/MLP linears, merged at export
     lora_alpha: Optional[float] = None  # default: equal to the rank
+    # how the processes share the model (training/sharding.py): ddp keeps the whole model, its gradients, AdamW state
+    # and EMA on every GPU (fastest wherever that fits); fsdp2 splits all four over the processes, one FSDP group per
+    # transformer block (`ledit-convert inspect MODEL --memory` says which fits)
+    distributed: str = "ddp"  # ddp | fsdp2
+    fsdp_reshard_after_forward: bool = True  # fsdp2: free a block's gathered weights after its forward and gather
+    # them again for its backward (ZeRO-3); false keeps them from forward to backward: less traffic, a full bf16 model
     # run management
     seed: int = 0
     checkpoint_every: int = 5000
@@ -119,6 +133,17 @@ class Recipe:
             p.append(f"ema_rampup_ratio {self.ema_rampup_ratio} is not in (0, 1]")
         if self.ema_rampup_ratio is not None and self.ema_half_life_images is None:
             p.append("ema_rampup_ratio needs ema_half_life_images")
+        if self.bucket_crop not in ("center", "random"):
+            p.append(f"bucket_crop {self.bucket_crop!r} is not one of center, random")
+        if self.bucket_short not in ("drop", "pad"):
+            p.append(f"bucket_short {self.bucket_short!r} is not one of drop, pad")
+        if self.bucket_max_upscale < 1.0:
+            p.append(f"bucket_max_upscale {self.bucket_max_upscale} must be >= 1 (1: never enlarge)")
+        if self.bucket_weights and len(self.bucket_weights) != len(self.bucket_resolutions):
+            p.append(f"bucket_weights has {len(self.bucket_weights)} values for {len(self.bucket_resolutions)} "
+                     f"bucket_resolutions")
+        if any(w <= 0 for w in self.bucket_weights):
+            p.append(f"bucket_weights {self.bucket_weights} must all be positive")
         if self.lr_warmup_steps < 0:
             p.append(f"lr_warmup_steps {self.lr_warmup_steps} must be >= 0")
         if self.position_fade_images < 0:
@@ -127,6 +152,7 @@ class Recipe:
             p.append(f"learning_rate {self.learning_rate} must be positive")
         if self.lora_rank < 0:
             p.append(f"lora_rank {self.lora_rank} must be >= 0")
+        p += self._sharding_problems()
         try:
             p += self.eval_plan().problems()
         except ConfigError as e:  # a resolution that does not parse
@@ -138,6 +164,27 @@ class Recipe:
         bad = [t for t in self.trackers if t not in ("tensorboard", "wandb")]
         if bad:
             p.append(f"trackers {bad} are not tensorboard or wandb")
+        return p
+
+    def _sharding_problems(self) -> List[str]:
+        """What fsdp2 cannot be combined with, each as the key to change."""
+        if self.distributed not in ("ddp", "fsdp2"):
+            return [f"distributed {self.distributed!r} is not one of ddp, fsdp2"]
+        if self.distributed != "fsdp2":
+            return []
+        p = []
+        if self.mixed_precision == "fp16":
+            p.append("mixed_precision fp16 with distributed fsdp2: fp16 needs one loss scale across all shards; "
+                     "use bf16")
+        if self.validate_every:
+            p.append(f"validate_every {self.validate_every} with distributed fsdp2: validation samples the EMA in one "
+                     "process, which holds only its shard; set validate_every=0 and sample the exported model")
+        if self.eval_every:
+            p.append(f"eval_every {self.eval_every} with distributed fsdp2: evaluation scores whole EMA weights in "
+                     "each process; set eval_every=0 and run `ledit-convert evaluate` on the exported model")
+        if self.compile:
+            p.append("compile with distributed fsdp2: the regional compile finds blocks by class name, which sharding "
+                     "changes; set compile=false")
         return p
 
     def eval_plan(self):

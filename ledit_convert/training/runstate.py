@@ -1,5 +1,6 @@
 """What a fine-tuning run needs to stop and resume exactly: data order, RNG states, EMA, checkpoints."""
 import json
+import logging
 import os
 import random
 import re
@@ -14,6 +15,7 @@ from ..data.images import Sample
 from ..conversion.checkpoints import read_json
 from ..errors import ConfigError
 
+logger = logging.getLogger(__name__)
 CHECKPOINT_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -62,13 +64,37 @@ class SeededItems(torch.utils.data.Dataset):
         return self.dataset.sample(index, flip, g) if self.latents else self.dataset.load(index, flip)
 
 
+def training_loader(dataset, recipe, micro_batch: int, rank: int, world: int, consumed: int,
+                    pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """The endless training loader of one process, resuming after `consumed` items. A bucketed dataset (one with
+    `bucket_of_item`) is batched by data.buckets.BucketBatchSampler, so a batch never mixes shapes."""
+    items = SeededItems(dataset, recipe.seed, recipe.random_flip)
+    common = dict(num_workers=recipe.num_workers, pin_memory=pin_memory, persistent_workers=recipe.num_workers > 0,
+                  generator=torch.Generator().manual_seed(recipe.seed))  # keeps worker seeding off the global RNG
+    if getattr(dataset, "bucket_of_item", None) is None:
+        sampler = ResumableSampler(len(dataset), recipe.seed, rank, world, consumed)
+        return torch.utils.data.DataLoader(items, batch_size=micro_batch, sampler=sampler, drop_last=True, **common)
+    from ..data.buckets import BucketBatchSampler
+    batches = BucketBatchSampler(dataset.bucket_of_item, dataset.group_of_bucket, micro_batch, recipe.seed, rank, world,
+                                 consumed // micro_batch, short=recipe.bucket_short,
+                                 only=recipe.bucket_resolutions or None, weights=recipe.bucket_weights or None)
+    unseen = batches.never_trained()
+    if unseen and rank == 0:
+        logger.warning("%d item(s) sit in buckets smaller than one global batch (%d) and are never trained on; "
+                       "set bucket_short: pad to train them", unseen, micro_batch * world)
+    return torch.utils.data.DataLoader(items, batch_sampler=batches, **common)
+
+
 #################################################################################
 #                                      EMA                                      #
 #################################################################################
 
 @torch.no_grad()
 def update_ema(ema_params: List[torch.Tensor], params: List[torch.Tensor], decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * param, on device, no host sync."""
+    """ema <- decay * ema + (1 - decay) * param, on device, no host sync. Sharded (FSDP2) pairs update this process's
+    slices, the only part of either it holds, in one foreach op like unsharded ones."""
+    from .sharding import local_shards
+    ema_params, params = local_shards(ema_params), local_shards(params)
     torch._foreach_lerp_(ema_params, [p.detach().to(e.dtype) for p, e in zip(params, ema_params)], 1.0 - decay)
 
 
