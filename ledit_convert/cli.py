@@ -476,7 +476,7 @@ def cache_latents_cmd(
                                            "downsampling x this)."),
     seed: int = typer.Option(0, help="Buckets: seed of the random crops."),
     batch_size: int = typer.Option(32, help="Images per VAE batch."),
-    shard_size: int = typer.Option(4096, help="Latents per safetensors shard."),
+    shard_size: int = typer.Option(4096, help="Latents per safetensors shard (with --buckets: images per chunk)."),
     flips: bool = typer.Option(True, "--flips/--no-flips", help="Also cache the mirrored images."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
     dtype: str = typer.Option("fp32", help="VAE dtype: fp32 | bf16 | fp16."),

@@ -61,8 +61,10 @@ def test_generated_buckets_fit_the_area_align_and_come_in_both_orientations(res,
 
 def test_named_tables_are_pixarts_and_sd3s_own():
     from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import ASPECT_RATIO_1024_BIN
+    from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import ASPECT_RATIO_2048_BIN
     pixart = parse_buckets("pixart-1024", 64)[1024]
     assert set(pixart) == {(int(h), int(w)) for h, w in ASPECT_RATIO_1024_BIN.values()}
+    assert set(parse_buckets("pixart-2048", 64)[2048]) == {(int(h), int(w)) for h, w in ASPECT_RATIO_2048_BIN.values()}
     assert parse_buckets("sd3-1024", 64)[1024] == sorted(SD3_1024, key=lambda b: b[0] / b[1])
     assert all(h * w <= 1024 * 1024 * 1.25 for h, w in SD3_1024)
 
@@ -73,7 +75,9 @@ def test_specs_several_resolutions_explicit_sizes_and_bad_ones():
     explicit = parse_buckets("512x384, 384x512", 16)
     assert explicit == {448: [(384, 512), (512, 384)]}  # sqrt(512 * 384) = 443 -> 448; by aspect ratio
     for bad, what in (("500", "500 is not a multiple of 16"), ("512x380", "512x380 is not a multiple of 16"),
-                      ("pixart-300", "pixart-256, pixart-512"), ("huge", "is not N, HxW"), (",", "names no bucket")):
+                      ("pixart-300", "pixart-256, pixart-512"), ("huge", "is not N, HxW"), (",", "names no bucket"),
+                      ("512,pixart-512", "'pixart-512' is a second group at resolution 512"),
+                      ("256,256x256,512x512", "256x256 is in the groups at 256 and at 512")):
         with pytest.raises(ConfigError, match=what):
             parse_buckets(bad, 16)
 
@@ -83,9 +87,9 @@ def test_closest_bucket_is_nearest_in_log_aspect_ratio():
     assert closest_bucket(100, 190, buckets) == (32, 64)
     assert closest_bucket(190, 100, buckets) == (64, 32)
     assert closest_bucket(100, 120, buckets) == (48, 48)
-    # 1:sqrt(2) sits exactly between 1:1 and 1:2 in log space: the tie goes to the larger area
-    assert closest_bucket(1000, round(1000 * math.sqrt(2)), [(40, 40), (32, 64)]) in [(40, 40), (32, 64)]
-    assert closest_bucket(1000, round(1000 * math.sqrt(2)), [(48, 48), (32, 64)]) == (48, 48)
+    # 1:2 sits exactly between 1:1 and 1:4 in log space: the tie goes to the larger area
+    assert closest_bucket(50, 100, [(32, 32), (32, 128)]) == (32, 128)
+    assert closest_bucket(50, 100, [(64, 64), (16, 64)]) == (64, 64)
 
 
 # ------------------------------------------------------------------ where one image goes, and how
@@ -135,9 +139,9 @@ def test_random_crops_are_seeded_per_image_and_inside_the_image(tmp_path):
     groups = parse_buckets("32", 8)
     a, b = BucketedImages(base, groups, "random", seed=3), BucketedImages(base, groups, "random", seed=3)
     c = BucketedImages(base, groups, "random", seed=4)
-    assert np.array_equal(a.crop, b.crop) and not np.array_equal(a.crop, c.crop)
+    assert np.array_equal(a.crop_box, b.crop_box) and not np.array_equal(a.crop_box, c.crop_box)
     for i in range(len(a)):
-        top, left, rh, rw = a.crop[i]
+        top, left, rh, rw = a.crop_box[i]
         h, w = a.bucket(i)
         assert 0 <= top <= rh - h and 0 <= left <= rw - w
         arr = np.asarray(Image.open(a.describe(i)).convert("RGB"))
@@ -153,6 +157,19 @@ def test_enlarging_is_bounded_and_a_folder_too_small_for_every_bucket_is_one_err
     assert "\n" not in str(err.value)
     allowed = BucketedImages(base, parse_buckets("32", 8), max_upscale=2.0)
     assert len(allowed) == 2
+
+
+def test_an_image_that_does_not_decode_is_left_out_of_the_cache_and_named(tmp_path, caplog):
+    """Its header reads (so it has a bucket, alone in it), its data does not: the cache skips it, nothing else."""
+    root = mixed_folder(tmp_path / "imgs", sizes=[(32, 32)] * 4, classes=("a",))
+    Image.fromarray(np.zeros((16, 64, 3), np.uint8) + 90).save(root / "a" / "cut.png")
+    data = (root / "a" / "cut.png").read_bytes()
+    (root / "a" / "cut.png").write_bytes(data[:len(data) // 2])
+    base = ImageFolderDataset(root, 32, random_flip=False)
+    index = cache_bucketed_latents(base, tiny_vae(1), tmp_path / "cache", parse_buckets("32", 8), 8)
+    assert index["count"] == 4 and index["unreadable"] == 1 and "cut.png" in caplog.text
+    ds = BucketedLatents(tmp_path / "cache")
+    assert {ds.bucket(i) for i in range(len(ds))} == {(32, 32)}
 
 
 def test_an_unreadable_file_is_skipped_with_its_name(tmp_path, caplog):
@@ -225,6 +242,16 @@ def test_seeded_and_resumes_mid_epoch_exactly():
     for cut in (1, 7, 23, 59):
         resumed = take(BucketBatchSampler(bucket_of_item, groups, 2, seed=1, consumed=cut), 60 - cut)
         assert resumed == straight[cut:]
+
+
+def test_resume_past_the_group_draws_first_chunk_and_with_padded_small_buckets_on_two_ranks():
+    bucket_of_item, groups = toy_buckets((9, 1, 7, 3), (16, 16, 32, 32))
+    straight = take(BucketBatchSampler(bucket_of_item, groups, 1, seed=3), 4100)
+    assert take(BucketBatchSampler(bucket_of_item, groups, 1, seed=3, consumed=4095), 5) == straight[4095:]
+    for rank in range(2):  # buckets of 1 and 3 items padded to global batches of 4
+        whole = take(BucketBatchSampler(bucket_of_item, groups, 2, seed=3, rank=rank, world=2, short="pad"), 30)
+        assert take(BucketBatchSampler(bucket_of_item, groups, 2, seed=3, rank=rank, world=2, short="pad",
+                                       consumed=13), 17) == whole[13:]
 
 
 def test_resolution_weights_choose_the_groups_steps():
@@ -327,7 +354,13 @@ def test_extending_a_cache_encodes_only_the_new_images_and_an_interrupted_chunk_
     encoded.clear()
     again = cache_bucketed_latents(ImageFolderDataset(root, 32, random_flip=False), vae, tmp_path / "cache", groups,
                                    8, shard_size=4)
-    assert sum(encoded) == 2 * 2 and again["count"] == index["count"] and len(chunks) == 3
+    assert sum(encoded) == 2 * 2 and again["count"] == index["count"] and len(chunks) == 3  # 10 images, 4 a chunk
+    # a chunk that was renamed into place only in part: a leftover `.partial` folder, manifest and all, is redone
+    (tmp_path / "cache" / "chunk_00007.partial").mkdir()
+    (tmp_path / "cache" / "chunk_00007.partial" / "manifest.json").write_text("{}")
+    cache_bucketed_latents(ImageFolderDataset(root, 32, random_flip=False), vae, tmp_path / "cache", groups, 8,
+                           shard_size=4)
+    assert not (tmp_path / "cache" / "chunk_00007.partial").exists()
     with pytest.raises(ConfigError, match="other settings \\(crop\\); pass --overwrite"):
         cache_bucketed_latents(ImageFolderDataset(root, 32, random_flip=False), vae, tmp_path / "cache", groups, 8,
                                crop="random")
@@ -388,6 +421,10 @@ def test_multi_resolution_finetune_trains_the_chosen_resolutions(tmp_path, monke
     assert max(areas) <= 16 * 16 and min(areas) <= 8 * 8 and len(areas) == 12
     with pytest.raises(ConfigError, match="bucket_weights has 1 values for 2"):
         bucketed_recipe(buckets="8,16", bucket_resolutions=[8, 16], bucket_weights=[1])
+    with pytest.raises(ConfigError, match="this data is square"):
+        finetune(str(model), str(root), bucketed_recipe(steps=1, bucket_resolutions=[16]), str(tmp_path / "sq"))
+    with pytest.raises(DataError, match="are at resolution\\(s\\) 8, 24; set the recipe's resolution"):
+        finetune(str(model), str(root), bucketed_recipe(steps=1, buckets="8,24"), str(tmp_path / "r"))
 
 
 def test_two_processes_train_in_buckets(tmp_path):

@@ -17,6 +17,7 @@
 # images no manifest names: extending a cache never re-encodes what it holds.
 import json
 import os
+import re
 import shutil
 from typing import Callable, Dict, List, Optional
 
@@ -26,12 +27,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .buckets import Bucket, BucketedImages
-from .images import size_of
+from .images import _DECODE_ERRORS, size_of
 from .latents import (CACHE_FORMAT, EMPTY_PROMPT_FILE, INDEX_FILE, CachedLatentsDataset, _stored, _text_id,
                       _write_atomic)
 from ..errors import ConfigError, DataError, OutputExistsError
 
 CHUNK_DIR = "chunk_{:05d}"
+CHUNK_NAME = re.compile(r"chunk_\d{5}")
 MANIFEST = "manifest.json"
 TEXT_SHARD = "text.safetensors"
 
@@ -54,14 +56,15 @@ def _settings(groups: Dict[int, List[Bucket]], align: int, crop: str, max_upscal
 
 
 def _read_manifests(folder: str, settings: Dict) -> List[Dict]:
-    """The finished chunks' manifests; unfinished chunk folders are removed (their images are encoded again)."""
+    """The finished chunks' manifests; unfinished chunk folders (no manifest, or still named `.partial`) are removed
+    (their images are encoded again)."""
     found = []
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
         if not (name.startswith("chunk_") and os.path.isdir(path)):
             continue
         manifest = os.path.join(path, MANIFEST)
-        if not os.path.isfile(manifest):
+        if not CHUNK_NAME.fullmatch(name) or not os.path.isfile(manifest):
             shutil.rmtree(path)
             continue
         try:
@@ -162,13 +165,13 @@ def _write_chunk(dataset, sources, vae, output_dir, name, groups, settings, crop
     loader = torch.utils.data.DataLoader(_Unflipped(placed), batch_sampler=batches, num_workers=num_workers)
     parts: Dict[int, Dict[str, list]] = {}
     kept: Dict[int, List[int]] = {}
-    stand_ins = set()  # images whose header read but whose data did not decode: left out, like unreadable ones
+    undecodable = set()  # images whose header read but whose data did not decode: left out, like unreadable ones
     encoded = 0
-    for items, (x, skips) in zip(batches, loader):
+    for items, (x, ok) in zip(batches, loader):
         b = int(placed.bucket_of_item[items[0]])
-        keep = (skips == 0).tolist()
-        stand_ins |= {int(placed.source[i]) for i, k in zip(items, keep) if not k}
-        x = x[skips == 0]
+        keep = ok.tolist()
+        undecodable |= {int(placed.source[i]) for i, k in zip(items, keep) if not k}
+        x = x[ok]
         encoded += len(items)
         if len(x):
             batch = torch.cat([x, x.flip(-1)]) if flip_variants else x  # one VAE call for both views
@@ -183,18 +186,18 @@ def _write_chunk(dataset, sources, vae, output_dir, name, groups, settings, crop
             kept.setdefault(b, []).extend(i for i, k in zip(items, keep) if k)
         if progress is not None:
             progress(done_before + len(sources) * encoded // max(len(placed), 1), total)
-    readable = sorted(set(placed.source.tolist()) - stand_ins)
+    readable = sorted(set(placed.source.tolist()) - undecodable)
     text_row = {j: r for r, j in enumerate(readable)}
     files, counts = [], {}
     for b, got in sorted(parts.items()):
-        items = np.array([i for i in kept[b] if int(placed.source[i]) not in stand_ins], dtype=np.int64)
+        items = np.array([i for i in kept[b] if int(placed.source[i]) not in undecodable], dtype=np.int64)
         if not len(items):
             continue
         rows = np.isin(kept[b], items)
         tensors = {k: torch.cat(v)[torch.from_numpy(rows)].contiguous() for k, v in got.items() if v}
         tensors["labels"] = torch.from_numpy(np.asarray(placed.labels)[items].astype(np.int64))
         tensors["original"] = torch.from_numpy(placed.original[items].astype(np.int32))
-        tensors["crop"] = torch.from_numpy(placed.crop[items].astype(np.int32))
+        tensors["crop"] = torch.from_numpy(placed.crop_box[items].astype(np.int32))
         tensors["text_row"] = torch.tensor([text_row[int(placed.source[i])] for i in items], dtype=torch.int64)
         bucket = placed.buckets[b]
         save_file(tensors, os.path.join(tmp, bucket_file(bucket)))
@@ -210,7 +213,7 @@ def _write_chunk(dataset, sources, vae, output_dir, name, groups, settings, crop
     if progress is not None:
         progress(done_before + len(sources), total)
     cached = {dataset.key(j) for j in readable}
-    unreadable = [dataset.key(j) for j in sources if placed.sizes[j] is None or j in stand_ins]
+    unreadable = [dataset.key(j) for j in sources if placed.sizes[j] is None or j in undecodable]
     manifest = {"settings": settings, "images": keys, "unreadable": unreadable,
                 "too_small": [k for k in keys if k not in cached and k not in set(unreadable)],
                 "too_small_per_resolution": {str(r): n for r, n in placed.too_small.items()},
@@ -243,7 +246,8 @@ def _index(manifests, settings, vae, dataset, text_encoder, empty_text) -> Dict:
 
 
 class _Unflipped(torch.utils.data.Dataset):
-    """Bucketed items as the cache encodes them: unflipped pixels and how many unreadable images stood in."""
+    """Bucketed items as the cache encodes them: unflipped pixels of each item's own image, and whether it decoded
+    (an image whose header read but whose data does not decode gives zeros and False: it is left out and named)."""
 
     def __init__(self, placed: BucketedImages):
         self.placed = placed
@@ -252,8 +256,13 @@ class _Unflipped(torch.utils.data.Dataset):
         return len(self.placed)
 
     def __getitem__(self, i: int):
-        item = self.placed.load(i, flip=False)
-        return item.x, item.skipped
+        j = int(self.placed.source[i])
+        try:
+            image = self.placed.base.decode(j)
+        except _DECODE_ERRORS as e:
+            self.placed.base._record_skip(j, e)  # logged with the file's name, in the worker that read it
+            return torch.zeros(3, *self.placed.bucket(i)), False
+        return self.placed.crop(i, image), True
 
 
 class BucketedLatents(CachedLatentsDataset):

@@ -52,8 +52,11 @@ def generate_buckets(resolution: int, align: int, max_ratio: float = MAX_RATIO) 
 
 
 def _pixart_table(resolution: int) -> List[Bucket]:
-    from diffusers.pipelines.pixart_alpha import pipeline_pixart_alpha as pixart
-    table = getattr(pixart, f"ASPECT_RATIO_{resolution}_BIN", None)
+    """PixArt's ASPECT_RATIO_<resolution>_BIN table as diffusers ships it (256 to 1024 with the alpha pipeline,
+    2048 with the sigma one)."""
+    from diffusers.pipelines.pixart_alpha import pipeline_pixart_alpha, pipeline_pixart_sigma
+    name = f"ASPECT_RATIO_{resolution}_BIN"
+    table = getattr(pipeline_pixart_alpha, name, None) or getattr(pipeline_pixart_sigma, name, None)
     if table is None:
         raise ConfigError(f"pixart-{resolution}: PixArt's tables are pixart-256, pixart-512, pixart-1024, pixart-2048")
     return sorted({(int(h), int(w)) for h, w in table.values()}, key=lambda b: b[0] / b[1])
@@ -61,19 +64,24 @@ def _pixart_table(resolution: int) -> List[Bucket]:
 
 def parse_buckets(spec: str, align: int) -> Dict[int, List[Bucket]]:
     """A bucket spec (see the module's docstring) -> {group resolution: buckets}; every side a multiple of
-    `align`."""
+    `align`. Two groups of one resolution, or one bucket in two groups, are refused: an item's group must be
+    unambiguous."""
     groups: Dict[int, List[Bucket]] = {}
     explicit: List[Bucket] = []
+
+    def add(res: int, buckets: List[Bucket], item: str):
+        if res in groups:
+            raise ConfigError(f"buckets {spec!r}: {item!r} is a second group at resolution {res}")
+        groups[res] = buckets
     for item in (part.strip().lower() for part in str(spec).split(",")):
         if not item:
             continue
         if item.isdigit():
-            res = int(item)
-            groups[res] = generate_buckets(res, align)
+            add(int(item), generate_buckets(int(item), align), item)
         elif item.startswith("pixart-") and item[7:].isdigit():
-            groups[int(item[7:])] = _pixart_table(int(item[7:]))
+            add(int(item[7:]), _pixart_table(int(item[7:])), item)
         elif item == "sd3-1024":
-            groups[1024] = sorted(SD3_1024, key=lambda b: b[0] / b[1])
+            add(1024, sorted(SD3_1024, key=lambda b: b[0] / b[1]), item)
         elif "x" in item and all(p.isdigit() for p in item.split("x", 1)):
             h, w = (int(p) for p in item.split("x", 1))
             explicit.append((h, w))
@@ -81,14 +89,19 @@ def parse_buckets(spec: str, align: int) -> Dict[int, List[Bucket]]:
             raise ConfigError(f"buckets {spec!r}: {item!r} is not N, HxW, pixart-N or sd3-1024")
     if explicit:
         res = int(round(math.sqrt(max(h * w for h, w in explicit)) / align)) * align
-        groups[res] = sorted(set(groups.get(res, [])) | set(explicit), key=lambda b: b[0] / b[1])
+        add(res, sorted(set(explicit), key=lambda b: b[0] / b[1]), "the HxW sizes")
     if not groups:
         raise ConfigError(f"buckets {spec!r}: names no bucket")
+    seen: Dict[Bucket, int] = {}
     for res, buckets in groups.items():
         bad = [b for b in buckets if b[0] % align or b[1] % align or min(b) <= 0]
         if bad:
             raise ConfigError(f"buckets {spec!r}: {bad[0][0]}x{bad[0][1]} is not a multiple of {align} "
                               f"(VAE downsampling x patch size) on both sides")
+        for b in buckets:
+            if b in seen:
+                raise ConfigError(f"buckets {spec!r}: {b[0]}x{b[1]} is in the groups at {seen[b]} and at {res}")
+            seen[b] = res
     return dict(sorted(groups.items()))
 
 
@@ -217,11 +230,13 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         self.weights = weights / weights.sum()
 
     def never_trained(self) -> int:
-        """Items of buckets smaller than one global batch under `drop`: they are never seen (the caller warns)."""
+        """Items of trained groups' buckets smaller than one global batch under `drop`: they are never seen (the caller
+        warns)."""
         if self.short == "pad":
             return 0
         g = self.batch * self.world
-        return sum(len(m) for m in self.members.values() if len(m) < g)
+        trained = {self.groups[i] for i in np.flatnonzero(self.weights > 0)}
+        return sum(len(m) for b, m in self.members.items() if len(m) < g and self.group_of_bucket[b] in trained)
 
     def _group_choices(self, chunk: int) -> np.ndarray:
         if len(self.groups) == 1:
@@ -237,8 +252,8 @@ class BucketBatchSampler(torch.utils.data.Sampler):
             items = self.members[b][rng.permutation(len(self.members[b]))]
             full = len(items) // g * g
             out += [items[i:i + g] for i in range(0, full, g)]
-            if self.short == "pad" and full < len(items):
-                out.append(np.resize(items[full:].tolist() + items.tolist(), g) if len(items) else items)
+            if self.short == "pad" and full < len(items):  # the tail, then the bucket's first items (repeating)
+                out.append(np.resize(items[full:].tolist() + items.tolist(), g))
         return [out[i] for i in rng.permutation(len(out))]
 
     def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
@@ -286,7 +301,7 @@ class BucketedImages(torch.utils.data.Dataset):
         self.unreadable = sum(s is None for s in self.sizes.values())
         self.too_small = placed["too_small"]
         self.source, self.bucket_of_item = placed["source"], placed["bucket"]
-        self.crop, self.original = placed["crop"], placed["original"]
+        self.crop_box, self.original = placed["crop"], placed["original"]
         self.buckets, self.group_of_bucket = flatten(groups)
         if not len(self.source) and only is None:
             where = getattr(base, "root", None) or getattr(base, "path", "the dataset")
@@ -299,6 +314,7 @@ class BucketedImages(torch.utils.data.Dataset):
         self.label_names = getattr(base, "label_names", None)
         self.random_flip = base.random_flip
         self.skipped_paths = base.skipped_paths
+        self._same = {b: np.flatnonzero(self.bucket_of_item == b) for b in set(self.bucket_of_item.tolist())}
 
     def __len__(self) -> int:
         return len(self.source)
@@ -310,10 +326,19 @@ class BucketedImages(torch.utils.data.Dataset):
         """Where item `index`'s image comes from (a path, or dataset[row])."""
         return self.base._describe(int(self.source[index]))
 
+    def crop(self, index: int, image, flip: bool = False) -> torch.Tensor:
+        """Item `index`'s pixels from its decoded image: resized to cover its bucket, cropped at its box."""
+        if (image.size[1], image.size[0]) != tuple(self.original[index]):
+            raise DataError(f"{self.describe(index)}: is {image.size[1]}x{image.size[0]} now, "
+                            f"{self.original[index][0]}x{self.original[index][1]} when the buckets were chosen")
+        height, width = self.bucket(index)
+        top, left = (int(v) for v in self.crop_box[index, :2])
+        return image_to_tensor(cover_crop(image, height, width, top, left), flip)
+
     def load(self, index: int, flip: bool = False):
         """Item `index` in its bucket; if its image cannot be decoded, the next decodable item of the same bucket
         (counted in `skipped`), so a batch keeps one shape."""
-        same = np.flatnonzero(self.bucket_of_item == self.bucket_of_item[index])
+        same = self._same[int(self.bucket_of_item[index])]
         start = int(np.searchsorted(same, index))
         tries = min(len(same), MAX_CONSECUTIVE_SKIPS)
         for skipped in range(tries):
@@ -324,15 +349,10 @@ class BucketedImages(torch.utils.data.Dataset):
             except _DECODE_ERRORS as e:
                 self.base._record_skip(j, e)
                 continue
-            if (image.size[1], image.size[0]) != tuple(self.original[i]):
-                raise DataError(f"{self.describe(i)}: is {image.size[1]}x{image.size[0]} now, "
-                                f"{self.original[i][0]}x{self.original[i][1]} when the buckets were chosen")
-            height, width = self.bucket(i)
-            top, left = (int(v) for v in self.crop[i, :2])
-            x = image_to_tensor(cover_crop(image, height, width, top, left), flip)
-            return self.base._item(j, x, skipped, size_of(*self.original[i]))
-        raise DataError(f"{self.describe(index)}: {tries} unreadable images in a row in bucket "
-                        f"{'x'.join(map(str, self.bucket(index)))}")
+            return self.base._item(j, self.crop(i, image, flip), skipped, size_of(*self.original[i]))
+        raise DataError(f"{self.describe(index)}: does not decode, nor does any other image of its bucket "
+                        f"{'x'.join(map(str, self.bucket(index)))} ({tries} tried); remove it, or cache the data "
+                        f"(cache-latents --buckets skips it)")
 
     def __getitem__(self, index: int):
         flip = self.random_flip and bool(torch.rand(()) < 0.5)

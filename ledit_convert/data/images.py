@@ -477,7 +477,11 @@ def open_training_data(path: Union[str, os.PathLike], resolution: int, num_class
         raise DataError(f"unknown data kind {kind!r}; expected auto, images, hf or latents")
     if buckets is not None and kind != "latents":
         from .buckets import BucketedImages, parse_buckets
-        ds = BucketedImages(ds, parse_buckets(buckets, factor), bucket_crop, bucket_max_upscale, seed)
+        groups = parse_buckets(buckets, factor)
+        if resolution not in groups:
+            raise DataError(f"buckets {buckets!r} are at resolution(s) {', '.join(map(str, groups))}; set the "
+                            f"recipe's resolution (the size evaluations default to) to one of them")
+        ds = BucketedImages(ds, groups, bucket_crop, bucket_max_upscale, seed)
     if not captions:
         check_labels(ds.labels, num_classes, path, getattr(ds, "label_names", None))
     return ds

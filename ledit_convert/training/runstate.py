@@ -72,6 +72,9 @@ def training_loader(dataset, recipe, micro_batch: int, rank: int, world: int, co
     common = dict(num_workers=recipe.num_workers, pin_memory=pin_memory, persistent_workers=recipe.num_workers > 0,
                   generator=torch.Generator().manual_seed(recipe.seed))  # keeps worker seeding off the global RNG
     if getattr(dataset, "bucket_of_item", None) is None:
+        if recipe.bucket_resolutions or recipe.bucket_weights:
+            raise ConfigError("bucket_resolutions / bucket_weights choose among a bucketed data's resolutions; this "
+                              "data is square (cache it with --buckets, or set the recipe's buckets)")
         sampler = ResumableSampler(len(dataset), recipe.seed, rank, world, consumed)
         return torch.utils.data.DataLoader(items, batch_size=micro_batch, sampler=sampler, drop_last=True, **common)
     from ..data.buckets import BucketBatchSampler

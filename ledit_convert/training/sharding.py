@@ -245,8 +245,12 @@ def gather_to_main(model: torch.nn.Module, replace: Dict[str, torch.Tensor], is_
     main process's CPU one tensor at a time; other processes get None. Every process must call it (each gather is
     collective). No process holds more than its shards and one full tensor on the device; the main one also holds
     the single full model being assembled, in host memory."""
+    full = model.state_dict()
+    unknown = sorted(set(replace) - set(full))
+    if unknown:  # the EMA would silently be the trained weights under those names
+        raise RuntimeError(f"EMA tensors {unknown[:3]} name no tensor of the sharded model's state dict")
     state = {} if is_main else None
-    for name, tensor in model.state_dict().items():
+    for name, tensor in full.items():
         tensor = replace.get(name, tensor)
         if isinstance(tensor, DTensor):
             tensor = tensor.full_tensor()  # every process joins, in the same (state-dict) order
