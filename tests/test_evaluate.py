@@ -12,7 +12,7 @@ from factories import facebook_state_dict
 from ledit_convert.cli import app
 from ledit_convert.errors import ConfigError
 from ledit_convert.evaluation.evaluate import (markdown_table, parse_model_spec, parse_references, parse_resolution,
-                                    plot_metric)
+                                    plot_metric, tick_labels)
 
 
 def test_parse_specs_and_resolutions():
@@ -83,3 +83,10 @@ def test_evaluate_compiles_per_model_and_falls_back(tmp_path, monkeypatch, caplo
         fallback = pipeline_generator(dict(settings, compile=True), str(tmp_path / "vae"))(spec, (16, 32))
     assert calls and "sampling continues in eager mode" in caplog.text
     assert np.array_equal(fallback, eager)
+
+
+def test_plot_ticks_read_apart_at_every_scale():
+    for top in (0.0110, 0.275, 2.7, 330.0):
+        labels = tick_labels(top)
+        assert len(set(labels)) == 6 and float(labels[-1]) == pytest.approx(top, rel=0.02)
+    assert tick_labels(300.0)[1] == "60.0"

@@ -156,6 +156,12 @@ PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 
 
+def tick_labels(top: float, ticks: int = 6) -> List[str]:
+    """Labels of `ticks` evenly spaced values from 0 to `top`, with as many decimals as it takes to tell them apart."""
+    decimals = max(1, 1 - math.floor(math.log10(top / (ticks - 1))))
+    return [f"{top * k / (ticks - 1):.{decimals}f}" for k in range(ticks)]
+
+
 def plot_metric(rows: List[Dict], path: str, metric: str = "fid", size=(720, 420),
                 xlabel: str = "resolution (pixels)") -> str:
     """A PNG line chart of a metric against resolution (or another category in the rows' "resolution" field, in
@@ -175,11 +181,10 @@ def plot_metric(rows: List[Dict], path: str, metric: str = "fid", size=(720, 420
         x = left + (i + 0.5) * (w - right - left) / max(len(resolutions), 1)
         return x, h - lower - v / top * (h - lower - upper)
 
-    for k in range(6):  # y ticks
-        v = top * k / 5
-        _, y = xy(0, v)
+    for k, label in enumerate(tick_labels(top)):  # y ticks
+        _, y = xy(0, top * k / 5)
         d.line([left - 4, y, left, y], fill="black")
-        d.text((5, y - 6), f"{v:.1f}", fill="black")
+        d.text((5, y - 6), label, fill="black")
     for i, res in enumerate(resolutions):
         x, _ = xy(i, 0)
         d.text((x - 12, h - lower + 8), res, fill="black")

@@ -321,6 +321,8 @@ def _step(run: Run, batch) -> torch.Tensor:
     run.skipped_images += int(skipped.sum())  # counted on the CPU batch: no device sync
     x0 = _encode(run, x)
     with run.accelerator.accumulate(run.model):
+        if run.ema_shards is not None:  # fsdp2: reduce-scatter once, at the last micro-step (DDP's no_sync)
+            run.raw_model.set_requires_gradient_sync(run.accelerator.sync_gradients)
         if run.flow is not None:
             loss = flow_training_loss(run.model, run.flow, x0, labels, run.step_generator, run.recipe.class_dropout,
                                       run.accelerator.autocast)
