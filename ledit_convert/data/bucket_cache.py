@@ -186,15 +186,13 @@ def _write_chunk(dataset, sources, vae, output_dir, name, groups, settings, crop
             kept.setdefault(b, []).extend(i for i, k in zip(items, keep) if k)
         if progress is not None:
             progress(done_before + len(sources) * encoded // max(len(placed), 1), total)
-    readable = sorted(set(placed.source.tolist()) - undecodable)
+    # the images with at least one encoded item: each gets its caption's row
+    readable = sorted({int(placed.source[i]) for items in kept.values() for i in items})
     text_row = {j: r for r, j in enumerate(readable)}
     files, counts = [], {}
     for b, got in sorted(parts.items()):
-        items = np.array([i for i in kept[b] if int(placed.source[i]) not in undecodable], dtype=np.int64)
-        if not len(items):
-            continue
-        rows = np.isin(kept[b], items)
-        tensors = {k: torch.cat(v)[torch.from_numpy(rows)].contiguous() for k, v in got.items() if v}
+        items = np.array(kept[b], dtype=np.int64)
+        tensors = {k: torch.cat(v).contiguous() for k, v in got.items() if v}
         tensors["labels"] = torch.from_numpy(np.asarray(placed.labels)[items].astype(np.int64))
         tensors["original"] = torch.from_numpy(placed.original[items].astype(np.int32))
         tensors["crop"] = torch.from_numpy(placed.crop_box[items].astype(np.int32))

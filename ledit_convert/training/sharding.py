@@ -217,7 +217,7 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 class TensorsOnlyReader(FileSystemReader):
     """DCP's file reader with the metadata read through `_MetadataUnpickler`. Tensors DCP reads itself with
-    torch.load(weights_only=True); any other entry, which it would unpickle with weights_only=False, is refused
+    torch.load(weights_only=True); any other entry, which it would unpickle without restrictions, is refused
     already here: its BytesStorageMetadata is not on the allow-list."""
 
     def read_metadata(self, *args, **kwargs):
