@@ -14,8 +14,9 @@ faded out over the first 4K images (`ledit+fade`), the DiT trained further (`dit
 get the held-out loss (256 renders, fixed draws) and the probe R^2 of token row/column (curve.jsonl); at each
 --score-at budget the EMA weights are sampled at 32, 48 and 64 px and the raw weights at 32 px (100 samples per
 cell, 25 DDPM steps, CFG 1.5) into rows.jsonl, the replication's row format. The base DiT with its table
-extrapolated and interpolated is scored once, after the first scored budget, with the base's held-out loss. Arm states are saved at every
---every point: a rerun with the same --out continues from the last one and skips every row already written.
+extrapolated and interpolated is scored once, after the first scored budget (or alone, with
+--baselines-only), with the base's held-out loss. Arm states are saved at every --every point: a rerun with the
+same --out continues from the last one and skips every row already written.
 """
 import argparse
 import json
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import replicate  # noqa: E402
 from replicate import BASE, SCALES, Experiment, log, millions  # noqa: E402
+from ledit_convert.conversion.export import write_json_atomic  # noqa: E402
 from ledit_convert.training.periodic import heldout_loss  # noqa: E402
 from ledit_convert.training.position_fade import suspended  # noqa: E402
 
@@ -64,6 +66,27 @@ def base_row(exp: Experiment, done: set) -> list:
              **exp.probe(model)}]
 
 
+def score_baselines(exp: Experiment) -> None:
+    """The base DiT at every size with its table extrapolated, and interpolated past the base size (rows.jsonl)."""
+    base = exp.base_model()
+    exp.score(base, "dit-extrapolate", 0, 0, "ema", SIZES, position_mode="extrapolate")
+    exp.score(base, "dit-interpolate", 0, 0, "ema", SIZES[1:], position_mode="interpolate")
+
+
+def band_table(curve: list, arms: list) -> list:
+    """Markdown lines: each arm's EMA held-out loss as a multiple of the base DiT's, at low noise (t < 300, detail)
+    and high noise (t >= 300, where the layout is decided), every 16K images."""
+    base = next(r for r in curve if r["arm"] == "base")
+    bands = ("heldout_loss_t_lt_300", "heldout_loss_t_ge_300")
+    at = {(r["arm"], r["images"]): r for r in curve if r["weights"] == "ema"}
+    md = ["| images | " + " | ".join(f"{a}: t < 300 | {a}: t >= 300" for a in arms) + " |",
+          "|---|" + "---|---|" * len(arms)]
+    for images in sorted({i for (a, i) in at if a != "base" and i and i % 16_000 == 0}):
+        cells = [f"{at[a, images][b] / base[b]:.2f}x" if (a, images) in at else "" for a in arms for b in bands]
+        md.append(f"| {millions(images)} | " + " | ".join(cells) + " |")
+    return ["EMA held-out loss as a multiple of the base DiT's, by noise level:\n"] + md + [""]
+
+
 def report(out: Path) -> str:
     """evidence.md (held-out loss and probe by images, sampled scores by budget) and two plots: the EMA held-out
     loss as a multiple of the base DiT's, and the single-object rate at 32 and 64 px, against images."""
@@ -85,6 +108,7 @@ def report(out: Path) -> str:
         md.append(f"| {millions(images)} | " + " | ".join(cells) + " |")
     if base is not None:
         md.append(f"\nBase DiT: held-out loss {base:.4f}.\n")
+        md += band_table(curve, arms)
     md += ["\n| arm | images | weights | " + " | ".join(f"FID / single-object @{s}" for s in ("32", "48", "64")) + " |",
            "|---|---|---|---|---|---|"]
     cells = {(r["arm"], r["budget"], r["weights"], r["resolution"]): r for r in rows}
@@ -124,6 +148,8 @@ def main():
                         help="CPU threads (default torch's). One per process keeps two runs side by side efficient.")
     parser.add_argument("--skip-baselines", action="store_true",
                         help="Do not score the base's baselines (another process sharing --out scores them).")
+    parser.add_argument("--baselines-only", action="store_true",
+                        help="Score the base's baselines (the rows not yet written) and the report; train nothing.")
     parser.add_argument("--report-only", action="store_true", help="Rewrite evidence.md and the plots, train nothing.")
     args = parser.parse_args()
     if args.threads:
@@ -147,13 +173,6 @@ def main():
                                   graphed="off", features=args.features, inception_weights=None, arms=None,
                                   publish=None)
     exp = Experiment(exp_args, cfg)
-    meta = {"scale": args.scale, "arms": names, "every": every, "score_at": score_at, "final": final,
-            "samples": cfg["samples"], "sample_steps": cfg["sample_steps"], "features": args.features,
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "device": replicate.device_name("cpu"),
-            "config": {k: v for k, v in cfg.items() if k != "model"}}
-    if (out / "meta.json").exists():  # another process sharing --out: its arms stay listed
-        meta["arms"] = list(dict.fromkeys(json.loads((out / "meta.json").read_text())["arms"] + names))
-    (out / "meta.json").write_text(json.dumps(meta, indent=2))
     curve_path = out / "curve.jsonl"
     done = set()
     if curve_path.exists():
@@ -161,6 +180,17 @@ def main():
     rows = [] if args.skip_baselines else base_row(exp, done)
     with open(curve_path, "a") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
+    if args.baselines_only:
+        score_baselines(exp)
+        print(report(out))
+        return
+    meta = {"scale": args.scale, "arms": names, "every": every, "score_at": score_at, "final": final,
+            "samples": cfg["samples"], "sample_steps": cfg["sample_steps"], "features": args.features,
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "device": replicate.device_name("cpu"),
+            "config": {k: v for k, v in cfg.items() if k != "model"}}
+    if (out / "meta.json").exists():  # another process sharing --out: its arms stay listed
+        meta["arms"] = list(dict.fromkeys(json.loads((out / "meta.json").read_text())["arms"] + names))
+    write_json_atomic(out / "meta.json", meta)  # a second process reading it never sees it half written
     arms = {(n, 0): exp.open_arm(n, 0) for n in names}
     start = min(a.step_count for a in arms.values()) * cfg["batch"]
     log(f"arms {names} from {millions(start)} images; held-out loss every {millions(every)}, scored at "
@@ -189,9 +219,7 @@ def main():
                 exp.score(arm.model, name, seed, point, "raw", [(BASE, BASE)])
             arm.model.train()
         if not baselines_done:
-            base = exp.base_model()
-            exp.score(base, "dit-extrapolate", 0, 0, "ema", SIZES, position_mode="extrapolate")
-            exp.score(base, "dit-interpolate", 0, 0, "ema", SIZES[1:], position_mode="interpolate")
+            score_baselines(exp)
             baselines_done = True
         report(out)
     report(out)

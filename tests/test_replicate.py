@@ -97,25 +97,29 @@ def test_every_attention_path_the_gpu_check_covers_builds_and_steps_on_the_cpu()
 
 def test_cpu_evidence_dry_run_writes_curves_and_scores_and_resumes(tmp_path):
     """benchmarks/cpu_evidence.py at smoke scale: held-out loss and probe at every point, sampled scores at the
-    scored budget (EMA at 32/48/64, raw at 32) and the base's baselines once; a rerun writes nothing new."""
+    scored budget (EMA at 32/48/64, raw at 32) and the base's baselines once (here first, alone); a rerun writes
+    nothing new."""
     out = tmp_path / "evidence"
     cmd = [sys.executable, "benchmarks/cpu_evidence.py", "--scale", "smoke", "--features", "pixels", "--out", str(out),
            "--arms", "ledit+fade", "--every", "16", "--score-at", "32", "--final", "32"]
 
-    def run():
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    def run(*extra):
+        proc = subprocess.run(cmd + list(extra), cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return ([json.loads(line) for line in (out / "curve.jsonl").read_text().splitlines()],
                 [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()])
+    baselines = {("dit-extrapolate", "ema", "32"), ("dit-extrapolate", "ema", "48"), ("dit-extrapolate", "ema", "64"),
+                 ("dit-interpolate", "ema", "48"), ("dit-interpolate", "ema", "64")}
+    curve, rows = run("--baselines-only")  # the base's rows alone, first: the arm's run then skips them
+    assert [(r["arm"], r["images"]) for r in curve] == [("base", 0)] and not (out / "arms").exists()
+    assert {(r["arm"], r["weights"], r["resolution"]) for r in rows} == baselines
     curve, rows = run()
     assert [(r["arm"], r["images"]) for r in curve[:1]] == [("base", 0)]
     assert [(r["images"], r["weights"]) for r in curve[1:]] == [(i, w) for i in (0, 16, 32) for w in ("ema", "raw")]
     assert all(r["heldout_loss"] > 0 and "probe_col_r2_mid" in r for r in curve)
     scored = {(r["arm"], r["weights"], r["resolution"]) for r in rows}
     assert scored == {("ledit+fade", "ema", "32"), ("ledit+fade", "ema", "48"), ("ledit+fade", "ema", "64"),
-                      ("ledit+fade", "raw", "32"), ("dit-extrapolate", "ema", "32"), ("dit-extrapolate", "ema", "48"),
-                      ("dit-extrapolate", "ema", "64"), ("dit-interpolate", "ema", "48"),
-                      ("dit-interpolate", "ema", "64")}
+                      ("ledit+fade", "raw", "32")} | baselines and len(rows) == len(scored)
     assert (out / "arms" / "ledit+fade-s0" / "models" / "32" / "config.json").exists()
     assert (out / "evidence_heldout.png").exists() and (out / "evidence_single_object.png").exists()
     assert "| 32 | " in (out / "evidence.md").read_text()
