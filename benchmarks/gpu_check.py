@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ledit_convert.models.attention import CAUSAL_SCANS  # noqa: E402
 from ledit_convert.models.compiling import compile_blocks  # noqa: E402
-from ledit_convert.models.dit import CAUSAL_SCANS, LEDiTTransformer2DModel  # noqa: E402
+from ledit_convert.models.dit import LEDiTTransformer2DModel  # noqa: E402
 
 
 def rel(a, b):

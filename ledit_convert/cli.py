@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import LeditError, first_line
-from .models.dit import CAUSAL_SCANS
+from .models.attention import CAUSAL_SCANS
 
 app = typer.Typer(
     name="ledit-convert",

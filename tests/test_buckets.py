@@ -1,16 +1,12 @@
 """Aspect-ratio buckets: which buckets exist, where each image goes and how it is cropped, batches that never mix
 shapes (across processes, epochs and restarts), the bucketed latent cache and fine-tuning on it."""
 import json
-import math
-import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from _tiny import tiny_vae

@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch._dynamo.exc import TorchDynamoException
 
-import ledit_convert.models.dit as model_module
+import ledit_convert.models.attention as attention_module
+from ledit_convert.models.attention import CAUSAL_SCANS
 from ledit_convert.models.compiling import compile_blocks, is_compiled, repeated_blocks, uncompile_blocks
-from ledit_convert.models.dit import CAUSAL_SCANS
 
 from _tiny import tiny_dit, tiny_ledit, tiny_vae
 from factories import inputs, rel_err
@@ -56,7 +56,7 @@ def test_compiled_blocks_do_not_rebuild_masks(monkeypatch):
 
         def no_rebuild(*args, **kwargs):
             raise AssertionError("causal mask rebuilt")
-        monkeypatch.setattr(model_module, "causal_visibility", no_rebuild)
+        monkeypatch.setattr(attention_module, "causal_visibility", no_rebuild)
         again = model(x, t, y).sample
     assert torch.equal(first, again)
 

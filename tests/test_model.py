@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from factories import facebook_state_dict, inputs, random_ledit_conv, rel_err
-from ledit_convert.models.dit import CAUSAL_SCANS, LEDiTTransformer2DModel, causal_visibility
+from ledit_convert.models.attention import CAUSAL_SCANS, causal_visibility
+from ledit_convert.models.dit import LEDiTTransformer2DModel
 from reference import reference_forward, sincos_table_np, visible
 
 CFG = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=8, hidden_size=64, num_layers=4,
@@ -87,7 +88,7 @@ def test_row_or_column_major_scan_properties():
 
 
 def test_unknown_scan_is_refused_by_every_mask_builder():
-    from ledit_convert.models.dit import _flex_mask_mod
+    from ledit_convert.models.attention import _flex_mask_mod
     q, k = torch.tensor(3), torch.tensor(1)
     with pytest.raises(ValueError, match="'zigzag'"):
         causal_visibility("zigzag", 2, 2)

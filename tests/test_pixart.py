@@ -196,8 +196,8 @@ def test_surgery_copies_every_tensor_and_adds_a_zero_conv(pipeline_folder, tmp_p
     out = tmp_path / "ledit"
     result = surgery_to_folder(str(folder), out, SurgeryOptions())
     assert sorted(os.listdir(out)) == ["README.md", "config.json", "diffusion_pytorch_model.safetensors",
-                                       "modeling_ledit.py", "modeling_ledit_pixart.py",
-                                       "modeling_ledit_positions.py", "provenance.json"]
+                                       "modeling_ledit.py", "modeling_ledit_attention.py",
+                                       "modeling_ledit_pixart.py", "modeling_ledit_positions.py", "provenance.json"]
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["_class_name"] == "LEDiTPixArtTransformer2DModel"
     assert cfg["auto_map"] == {"AutoModel": "modeling_ledit_pixart.LEDiTPixArtTransformer2DModel"}
@@ -254,7 +254,8 @@ def test_reload_in_plain_diffusers_without_ledit_convert(pipeline_folder, tmp_pa
         ours.locality_conv.conv.weight.normal_(0, 0.05)
     ours.save_pretrained(out)  # save_pretrained writes both code files and the auto_map again
     code = (out / "modeling_ledit_pixart.py").read_text()
-    assert "\nfrom .modeling_ledit import " in code and "from .model import" not in code
+    assert "\nfrom .modeling_ledit import " in code and "\nfrom .modeling_ledit_attention import " in code
+    assert "from .dit import" not in code and "from .attention import" not in code
     x, kwargs = pixart_inputs("sigma", 12, 8)
     reload = RELOAD.replace('model(data["x"], timestep=data["t"], class_labels=data["y"])',
                             'model(data["x"], **data["kwargs"])')

@@ -137,18 +137,18 @@ def test_rotation_is_complex_multiplication_and_sees_offsets_only():
 
 
 def test_complex_turn_equals_the_real_rotation_for_strided_and_bf16_inputs(monkeypatch):
-    from ledit_convert.models import dit
+    from ledit_convert.models.attention import rotate_qk
     g = torch.Generator().manual_seed(0)
     qkv = torch.randn(2, 20, 3, 3, 16, generator=g).permute(2, 0, 3, 1, 4)  # DiT's strided q, k, v
     cos, sin = (t.float() for t in rope_table(16, (4, 5), (2, 2), "yarn"))
     rope = (cos, sin, rope_turn(cos, sin))
-    eager = dit.rotate_qk(qkv[0], qkv[1], rope)
+    eager = rotate_qk(qkv[0], qkv[1], rope)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # the real form compiled blocks use
-    compiled = dit.rotate_qk(qkv[0], qkv[1], rope)
+    compiled = rotate_qk(qkv[0], qkv[1], rope)
     for a, b, x in zip(eager, compiled, qkv):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
         torch.testing.assert_close(a, apply_rope(x, cos, sin), rtol=0, atol=1e-6)
-    bf16 = dit.rotate_qk(qkv[0].bfloat16(), qkv[1].bfloat16(), rope)
+    bf16 = rotate_qk(qkv[0].bfloat16(), qkv[1].bfloat16(), rope)
     assert bf16[0].dtype == torch.bfloat16
     torch.testing.assert_close(bf16[0].float(), apply_rope(qkv[0].bfloat16().float(), cos, sin), rtol=1e-2, atol=1e-2)
 
@@ -346,7 +346,8 @@ def test_rope_dit_reloads_in_plain_diffusers_with_a_scaling(tmp_path):
     model = rope_dit()
     out = tmp_path / "rope"
     model.save_pretrained(out)
-    assert sorted(p.name for p in out.glob("*.py")) == ["modeling_ledit.py", "modeling_ledit_positions.py"]
+    assert sorted(p.name for p in out.glob("*.py")) == ["modeling_ledit.py", "modeling_ledit_attention.py",
+                                                       "modeling_ledit_positions.py"]
     x, t, y = dit_inputs(16, 12)
     reload = RELOAD.replace("class_labels=data[\"y\"])", "class_labels=data[\"y\"], "
                             "attention_kwargs={\"position_scaling\": \"dype\"})")

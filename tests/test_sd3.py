@@ -209,8 +209,8 @@ def test_surgery_copies_every_tensor_but_the_table_and_adds_a_zero_conv(pipeline
     out = tmp_path / "ledit"
     result = surgery_to_folder(str(folder), out, SurgeryOptions())
     assert sorted(os.listdir(out)) == ["README.md", "config.json", "diffusion_pytorch_model.safetensors",
-                                       "modeling_ledit.py", "modeling_ledit_positions.py",
-                                       "modeling_ledit_sd3.py", "provenance.json"]
+                                       "modeling_ledit.py", "modeling_ledit_attention.py",
+                                       "modeling_ledit_positions.py", "modeling_ledit_sd3.py", "provenance.json"]
     written = load_file(out / "diffusion_pytorch_model.safetensors")
     source = ref.state_dict()
     assert set(written) == (set(source) - {"pos_embed.pos_embed"}) | {"locality_conv.conv.weight",
@@ -252,7 +252,8 @@ def test_reload_in_plain_diffusers_without_ledit_convert(pipeline_folder, tmp_pa
         ours.locality_conv.conv.weight.normal_(0, 0.05)
     ours.save_pretrained(out)
     code = (out / "modeling_ledit_sd3.py").read_text()
-    assert "\nfrom .modeling_ledit import (" in code and "from .dit import" not in code
+    assert "\nfrom .modeling_ledit import " in code and "\nfrom .modeling_ledit_attention import (" in code
+    assert "from .dit import" not in code and "from .attention import" not in code
     x, kwargs = sd3_inputs(12, 8)
     script = BLOCK_LEDIT_CONVERT + "\n".join([
         "import torch", "from diffusers import AutoModel",

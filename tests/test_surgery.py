@@ -47,7 +47,7 @@ def test_surgery_writes_a_self_describing_folder(dit_file, tmp_path):
     result = surgery_to_folder(str(src), out, SurgeryOptions(), num_heads=4)
     files = sorted(os.listdir(out))
     assert files == ["README.md", "config.json", "diffusion_pytorch_model.safetensors", "modeling_ledit.py",
-                     "modeling_ledit_positions.py", "provenance.json"]
+                     "modeling_ledit_attention.py", "modeling_ledit_positions.py", "provenance.json"]
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["_class_name"] == "LEDiTTransformer2DModel"
     assert cfg["auto_map"] == {"AutoModel": "modeling_ledit.LEDiTTransformer2DModel"}
@@ -67,7 +67,9 @@ def test_surgery_writes_a_self_describing_folder(dit_file, tmp_path):
     assert prov["source"]["sha256"] == hashlib.sha256(src.read_bytes()).hexdigest() == result.sha256
     assert prov["options"]["scan"] == "mask_lower_right_corner" and prov["tool_version"]
     assert (out / "modeling_ledit.py").read_text() == dit_model.remote_code_text(dit_model.__file__)
-    assert "\nfrom .modeling_ledit_positions import " in (out / "modeling_ledit.py").read_text()
+    code = (out / "modeling_ledit.py").read_text()
+    assert "\nfrom .modeling_ledit_positions import " in code and "\nfrom .modeling_ledit_attention import " in code
+    assert "\nfrom .modeling_ledit_positions import " in (out / "modeling_ledit_attention.py").read_text()
 
 
 def test_converted_model_differs_from_dit_only_by_pe_and_causality(dit_file, tmp_path):

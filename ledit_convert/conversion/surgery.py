@@ -11,7 +11,8 @@ import torch
 
 from .checkpoints import SourceCheckpoint, check_against_model
 from ..errors import ConfigError
-from ..models.dit import ATTENTION_SCALINGS, CAUSAL_SCANS, LOCALITY_KINDS
+from ..models.attention import CAUSAL_SCANS
+from ..models.dit import ATTENTION_SCALINGS, LOCALITY_KINDS
 from ..models.positions import ROPE_BASE
 
 State = Tuple[Dict, Dict[str, torch.Tensor]]

@@ -2,9 +2,10 @@
 # `PixArtTransformer2DModel`, with the same modules and state-dict keys, plus LEDiT's changes: no positional
 # encoding, causal image self-attention in some blocks, a locality conv after patchify, attention scaling.
 #
-# Surgery copies this file beside the weights as modeling_ledit_pixart.py, and dit.py as modeling_ledit.py
-# with the import below rewritten, so that `diffusers.AutoModel.from_pretrained(folder, trust_remote_code=True)`
-# loads a converted model where ledit_convert is not installed. Import nothing else from this package.
+# Surgery copies this file beside the weights as modeling_ledit_pixart.py, and dit.py and attention.py (with
+# positions.py, which they import) under their modeling_ledit names, with the imports below rewritten, so that
+# `diffusers.AutoModel.from_pretrained(folder, trust_remote_code=True)` loads a converted model where ledit_convert
+# is not installed. Import nothing else from this package.
 #
 # References:
 #   PixArt-alpha: https://arxiv.org/abs/2310.00426 (adaLN-single, cross-attention to T5 tokens, micro-conditions)
@@ -22,8 +23,8 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import AdaLayerNormSingle
 
-from .dit import (ImageSelfAttnProcessor, LEDiTAttentionMixin, LEDiTModelMixin, LocalityConv, add_remote_code,
-                  image_path_config, ledit_attention_kwargs, unpatchify)
+from .attention import ImageSelfAttnProcessor, LEDiTAttentionMixin, ledit_attention_kwargs
+from .dit import LEDiTModelMixin, LocalityConv, add_remote_code, image_path_config, unpatchify
 from .positions import sincos_table
 
 REMOTE_CODE_FILE = "modeling_ledit_pixart.py"  # this file, as it is copied beside saved weights

@@ -2,9 +2,10 @@
 # `SD3Transformer2DModel`, with the same modules and state-dict keys, plus LEDiT's changes on the image tokens: no
 # positional table (and so no size cap), causal image tokens in some blocks, a locality conv after patchify.
 #
-# Surgery copies this file beside the weights as modeling_ledit_sd3.py, and dit.py as modeling_ledit.py with the
-# import below rewritten, so that `diffusers.AutoModel.from_pretrained(folder, trust_remote_code=True)` loads a
-# converted model where ledit_convert is not installed. Import nothing else from this package.
+# Surgery copies this file beside the weights as modeling_ledit_sd3.py, and dit.py and attention.py (with
+# positions.py, which they import) under their modeling_ledit names, with the imports below rewritten, so that
+# `diffusers.AutoModel.from_pretrained(folder, trust_remote_code=True)` loads a converted model where ledit_convert
+# is not installed. Import nothing else from this package.
 #
 # References:
 #   SD3 (MMDiT, rectified flow): https://arxiv.org/abs/2403.03206
@@ -24,9 +25,9 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import AdaLayerNormContinuous
 from diffusers.utils import apply_lora_scale
 
-from .dit import (ImageSelfAttnProcessor, LEDiTAttentionMixin, LEDiTModelMixin, LocalityConv, add_remote_code,
-                  attention_mask, cached, causal_visibility, image_path_config, ledit_attention_kwargs, project_qkv,
-                  unpatchify)
+from .attention import (ImageSelfAttnProcessor, LEDiTAttentionMixin, attention_mask, cached, causal_visibility,
+                        ledit_attention_kwargs, project_qkv)
+from .dit import LEDiTModelMixin, LocalityConv, add_remote_code, image_path_config, unpatchify
 from .positions import sincos_table
 
 REMOTE_CODE_FILE = "modeling_ledit_sd3.py"  # this file, as it is copied beside saved weights

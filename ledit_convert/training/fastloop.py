@@ -35,7 +35,8 @@ from ..data.images import check_labels
 from .diffusion import DiffusionSchedule
 from ..errors import ConfigError, DataError
 from ..conversion.export import atomic_folder, cpu_state_dict, init_config, write_json_atomic, write_model_folder
-from ..models.dit import LEDiTTransformer2DModel, attention_mask, resolve_backend
+from ..models.attention import attention_mask, resolve_backend
+from ..models.dit import LEDiTTransformer2DModel
 from .position_fade import PositionFade
 from .trainstep import diffusion_loss, ema_weight_tensor, learning_rate
 

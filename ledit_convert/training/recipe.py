@@ -9,7 +9,7 @@ import yaml
 
 from ..models.compiling import COMPILE_MODES
 from ..errors import ConfigError
-from ..models.dit import ATTENTION_BACKENDS
+from ..models.attention import ATTENTION_BACKENDS
 
 
 @dataclass
