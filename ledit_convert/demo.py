@@ -1,9 +1,9 @@
 """`ledit-convert demo`: the whole workflow on the shipped small DiT, on a CPU, in a few minutes, offline.
 
 Surgery on the shipped shapes DiT, a short fine-tune, one comparison sheet (training size and 2x) of
-the stock DiT with its table extrapolated and interpolated against the shipped LEDiT (fine-tuned on a
-GPU by the replication harness) and this demo's own fine-tune, a reload through plain diffusers, and a
-closing table with the structure measure of each row.
+the stock DiT with its table extrapolated and interpolated against the shipped LEDiT (fine-tuned 200K images
+on a CPU by benchmarks/cpu_evidence.py, the table faded out) and this demo's own fine-tune, a reload through
+plain diffusers, and a closing table with the structure measure of each row.
 """
 import time
 from dataclasses import dataclass, field
@@ -24,7 +24,7 @@ NUM_CLASSES = 4  # circle, square, triangle, plus: the shipped models' classes
 class DemoSettings:
     """Sizes of the demo; the defaults take a few minutes on a laptop CPU."""
 
-    steps: int = 40  # fine-tune steps (the shipped LEDiT had 1500 at batch 128 on a GPU)
+    steps: int = 40  # fine-tune steps (the shipped LEDiT had 6250 at batch 32)
     batch_size: int = 16
     learning_rate: float = 2e-4
     images: int = 512  # renders to fine-tune on
@@ -129,7 +129,7 @@ def run_demo(output_dir, settings: Optional[DemoSettings] = None,
     shipped = LEDiTTransformer2DModel.from_pretrained(SHIPPED_LEDIT, torch_dtype=torch.float32)
     mine = LEDiTTransformer2DModel.from_pretrained(result.finetuned_dir)
     models = [("DiT, sin/cos extrapolated", base, "extrapolate"), ("DiT, sin/cos interpolated", base, "interpolate"),
-              ("LEDiT, shipped (1500 GPU steps)", shipped, None),
+              ("LEDiT, shipped (200K images)", shipped, None),
               (f"LEDiT, this demo ({settings.steps} steps)", mine, None)]
     for name, model, mode in models:
         small = _sample(model, 32, 32, settings, mode)
