@@ -73,17 +73,17 @@ def score_baselines(exp: Experiment) -> None:
     exp.score(base, "dit-interpolate", 0, 0, "ema", SIZES[1:], position_mode="interpolate")
 
 
-def band_table(curve: list, arms: list) -> list:
-    """Markdown lines: each arm's EMA held-out loss as a multiple of the base DiT's, at low noise (t < 300, detail)
-    and high noise (t >= 300, where the layout is decided), every 16K images."""
-    base = next(r for r in curve if r["arm"] == "base")
+def band_table(at: dict, images: list, arms: list) -> list:
+    """Markdown lines: each arm's EMA held-out loss (`at[arm, images, weights]`, the base DiT's at ("base", 0,
+    "ema")) as a multiple of the base DiT's, at low noise (t < 300, detail) and high noise (t >= 300, where the
+    layout is decided), every 16K images and at the last point."""
+    base = at["base", 0, "ema"]
     bands = ("heldout_loss_t_lt_300", "heldout_loss_t_ge_300")
-    at = {(r["arm"], r["images"]): r for r in curve if r["weights"] == "ema"}
     md = ["| images | " + " | ".join(f"{a}: t < 300 | {a}: t >= 300" for a in arms) + " |",
           "|---|" + "---|---|" * len(arms)]
-    for images in sorted({i for (a, i) in at if a != "base" and i and i % 16_000 == 0}):
-        cells = [f"{at[a, images][b] / base[b]:.2f}x" if (a, images) in at else "" for a in arms for b in bands]
-        md.append(f"| {millions(images)} | " + " | ".join(cells) + " |")
+    for i in [i for i in images if i and (i % 16_000 == 0 or i == images[-1])]:
+        cells = [f"{at[a, i, 'ema'][b] / base[b]:.2f}x" if (a, i, "ema") in at else "" for a in arms for b in bands]
+        md.append(f"| {millions(i)} | " + " | ".join(cells) + " |")
     return ["EMA held-out loss as a multiple of the base DiT's, by noise level:\n"] + md + [""]
 
 
@@ -99,7 +99,8 @@ def report(out: Path) -> str:
     at = {(r["arm"], r["images"], r["weights"]): r for r in curve}
     md = ["| images | " + " | ".join(f"{a}: held-out EMA (raw) | {a}: probe row/col" for a in arms) + " |",
           "|---|" + "---|---|" * len(arms)]
-    for images in sorted({r["images"] for r in curve if r["arm"] != "base"}):
+    points = sorted({r["images"] for r in curve if r["arm"] != "base"})
+    for images in points:
         cells = []
         for a in arms:
             ema, raw = at.get((a, images, "ema")), at.get((a, images, "raw"))
@@ -108,7 +109,7 @@ def report(out: Path) -> str:
         md.append(f"| {millions(images)} | " + " | ".join(cells) + " |")
     if base is not None:
         md.append(f"\nBase DiT: held-out loss {base:.4f}.\n")
-        md += band_table(curve, arms)
+        md += band_table(at, points, arms)
     md += ["\n| arm | images | weights | " + " | ".join(f"FID / single-object @{s}" for s in ("32", "48", "64")) + " |",
            "|---|---|---|---|---|---|"]
     cells = {(r["arm"], r["budget"], r["weights"], r["resolution"]): r for r in rows}
